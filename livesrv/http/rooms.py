@@ -1,0 +1,217 @@
+"""Live rooms over HTTP: the room WebSocket ``/ws/rooms/CHANNEL`` and moderation endpoints.
+
+The logic is in ``chat``; this module adapts aiohttp sockets and the app's bus to it. A chat
+message is published to the bus topic ``room:{channel}``; every node holding the room
+(this one included) receives it once, stores it in history and fans it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from chat import metrics
+from chat.fanout import Outbox
+from chat.room import Room, Rooms, topic
+from chat.settings import ChatSettings
+
+from ..bus import BusMessage
+from ..keys import BUS, NODE_ID, PRESENCE, SETTINGS, VIEWERS
+from .auth import json_error, optional_user, read_json, require_user
+
+log = logging.getLogger(__name__)
+
+ROOMS = web.AppKey("rooms", Rooms)
+SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("room_sockets")
+#: viewers per channel on this node, used while no presence service is wired
+LOCAL_VIEWERS: web.AppKey[dict[str, int]] = web.AppKey("local_viewers")
+
+routes = web.RouteTableDef()
+#: a channel is a username (see accounts.USERNAME_RE); anything else is a 404, not a room
+CHANNEL = "{channel:[A-Za-z0-9_-]{1,32}}"
+
+
+def _encode(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
+
+
+def _error(code: str, message: str) -> str:
+    metrics.REJECTED.labels(code).inc()
+    return _encode({"type": "error", "code": code, "message": message})
+
+
+def _add_viewer(app: web.Application, channel: str, delta: int) -> None:
+    presence = app.get(PRESENCE)
+    if presence is not None:
+        presence.add(channel, delta)
+    counts = app[LOCAL_VIEWERS]
+    counts[channel] = counts.get(channel, 0) + delta
+    if counts[channel] <= 0:
+        del counts[channel]
+
+
+async def _viewers(app: web.Application, channel: str) -> int:
+    presence = app.get(PRESENCE)
+    if presence is not None:
+        return await presence.count(channel)
+    return app[LOCAL_VIEWERS].get(channel, 0)
+
+
+@routes.get(f"/ws/rooms/{CHANNEL}")
+async def room_socket(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    channel = request.match_info["channel"].lower()
+    rooms = app[ROOMS]
+    bus = app[BUS]
+    user = await optional_user(request)
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=16 * 1024)
+    await ws.prepare(request)
+    app[SOCKETS].add(ws)
+    transport = request.transport
+
+    def abort() -> None:  # the slow-socket exit: no close handshake to wait for
+        if transport is not None:
+            transport.abort()
+
+    room_ref: list[Room] = []
+    outbox = Outbox(ws.send_str, abort, limit=rooms.settings.queue_size,
+                    batch_interval=rooms.settings.batch_interval,
+                    busy=lambda: bool(room_ref) and room_ref[0].busy)
+    room = rooms.join(channel, outbox, since=request.query.get("since") or None)
+    room_ref.append(room)
+    sender = asyncio.create_task(outbox.run())
+    _add_viewer(app, channel, +1)
+    try:
+        count = await _viewers(app, channel)
+        outbox.push(_encode({"type": "viewers", "count": count}))
+        async for msg in ws:
+            if msg.type == WSMsgType.TEXT:
+                reply = await _on_text(rooms, bus.publish, room, user, msg.data)
+                if reply is not None:
+                    outbox.push(reply)
+            elif msg.type == WSMsgType.BINARY:
+                outbox.push(_error("bad_json", "send JSON text frames"))
+    finally:
+        _add_viewer(app, channel, -1)
+        rooms.leave(room, outbox)
+        outbox.close()
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        app[SOCKETS].discard(ws)
+    return ws
+
+
+async def _on_text(rooms: Rooms, publish: Callable[[str, dict[str, Any]], Awaitable[BusMessage]],
+                   room: Room, user: Any, data: str) -> str | None:
+    """One client frame: an error frame to send back, or None once the chat is published."""
+    try:
+        message = json.loads(data)
+    except ValueError:
+        return _error("bad_json", "frame is not valid JSON")
+    if not isinstance(message, dict):
+        return _error("bad_json", "frame must be a JSON object")
+    if message.get("type") != "chat":
+        return _error("unknown_type", f"unknown message type {message.get('type')!r}")
+    if user is None:
+        return _error("login_required", "log in to chat")
+    text = message.get("text")
+    if not isinstance(text, str):
+        return _error("empty", "text must be a string")
+    privileged = user.is_admin or user.channel == room.channel
+    refusal = room.moderation.check(user.username, text, privileged=privileged)
+    if refusal is not None:
+        return _error(*refusal)
+    metrics.MESSAGES_IN.inc()
+    await publish(topic(room.channel), rooms.chat_event(user.username, text))
+    return None
+
+
+async def _moderate(request: web.Request, action: str) -> web.Response:
+    channel = request.match_info["channel"].lower()
+    user = await require_user(request)
+    if not (user.is_admin or user.channel == channel):
+        raise json_error(403, "only the anchor or an admin may moderate this room")
+    body = await read_json(request)
+    event: dict[str, Any] = {"type": "moderation", "action": action, "by": user.username}
+    if action in ("mute", "ban", "unban", "unmute"):
+        target = body.get("user")
+        if not isinstance(target, str) or not target:
+            raise json_error(400, "user is required")
+        event["user"] = target.lower()
+    if action == "mute":
+        seconds = body.get("seconds", 300)
+        if not isinstance(seconds, int | float) or seconds <= 0:
+            raise json_error(400, "seconds must be a positive number")
+        event["until"] = time.time() + float(seconds)
+    if action == "slow":
+        seconds = body.get("seconds", 0)
+        if not isinstance(seconds, int | float) or seconds < 0:
+            raise json_error(400, "seconds must be a number >= 0")
+        event["seconds"] = float(seconds)
+    # applied here too: this node may hold no socket of the room (so no subscription)
+    request.app[ROOMS].moderation_for(channel).apply(event)
+    await request.app[BUS].publish(topic(channel), event)
+    return web.json_response({k: v for k, v in event.items() if k != "type"})
+
+
+for _action in ("mute", "unmute", "ban", "unban", "slow"):
+    async def _handler(request: web.Request, _action: str = _action) -> web.Response:
+        return await _moderate(request, _action)
+
+    routes.post(f"/api/rooms/{CHANNEL}/{_action}")(_handler)
+
+
+async def _viewer_loop(app: web.Application) -> None:
+    """Every few seconds, tell each room on this node its viewer count if it changed."""
+    rooms = app[ROOMS]
+    while True:
+        await asyncio.sleep(rooms.settings.viewers_interval)
+        for room in tuple(rooms.rooms.values()):
+            try:
+                count = await _viewers(app, room.channel)
+            except Exception:
+                log.warning("viewer count of %s failed", room.channel, exc_info=True)
+                continue
+            if count != room.last_viewers:
+                room.last_viewers = count
+                room.deliver({"type": "viewers", "count": count})
+
+
+async def _rooms_lifetime(app: web.Application) -> AsyncIterator[None]:
+    bus = app[BUS]
+
+    def subscribe(name: str, handler: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
+        return bus.subscribe(name, lambda message: handler(message.data))
+
+    app[ROOMS] = Rooms(app[SETTINGS].section("chat", ChatSettings), app[NODE_ID], subscribe)
+    task = asyncio.create_task(_viewer_loop(app))
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _close_sockets(app: web.Application) -> None:
+    # on_shutdown runs before the server waits for handlers: open sockets would hold it up
+    # all at once: one unresponsive client must not hold up the others' goodbyes
+    await asyncio.gather(*(ws.close(code=1001, message=b"server shutting down")
+                           for ws in tuple(app[SOCKETS])), return_exceptions=True)
+
+
+def setup(app: web.Application) -> None:
+    app[SOCKETS] = weakref.WeakSet()
+    app[LOCAL_VIEWERS] = {}
+    if VIEWERS not in app:  # the presence service replaces this when it is wired
+        app[VIEWERS] = lambda channel: _viewers(app, channel)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_rooms_lifetime)
+    app.on_shutdown.append(_close_sockets)
