@@ -1,0 +1,13 @@
+"""Prometheus metrics of the rooms (process-wide, like every other collector of the house)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge
+
+SOCKETS = Gauge("livesrv_chat_sockets", "Room WebSockets open on this node")
+ROOMS = Gauge("livesrv_chat_rooms", "Rooms with at least one socket on this node")
+MESSAGES_IN = Counter("livesrv_chat_messages_in_total", "Chat messages accepted from sockets")
+MESSAGES_OUT = Counter("livesrv_chat_messages_out_total", "Events queued to sockets")
+SHED = Counter("livesrv_chat_shed_total", "Chat events not delivered because a room was past its rate")
+REJECTED = Counter("livesrv_chat_rejected_total", "Chat messages refused, by reason", ["reason"])
+DROPPED_SOCKETS = Counter("livesrv_chat_dropped_sockets_total", "Sockets closed for being too slow")
