@@ -1,0 +1,163 @@
+"""Two server processes on the real Redis: chat sent on node A reaches a socket on node B once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.server import ServerProcess, free_port, get_json, post_json
+
+pytestmark = [pytest.mark.e2e, pytest.mark.redis]
+
+WAIT = 10  # a guard against hanging, not a speed assertion
+
+
+async def chats(ws: aiohttp.ClientWebSocketResponse, within: float) -> list[str] | None:
+    """The chat texts of the next frame (batches flattened); None when none came ``within`` s."""
+    try:
+        msg = await asyncio.wait_for(ws.receive(), within)
+    except TimeoutError:
+        return None
+    assert msg.type == aiohttp.WSMsgType.TEXT, msg
+    frame = json.loads(msg.data)
+    events = frame["events"] if frame["type"] in ("batch", "history") else [frame]
+    return [e["text"] for e in events if e["type"] == "chat"]
+
+
+async def test_chat_crosses_nodes_once(tmp_path: Path, redis_url: str) -> None:
+    config = tmp_path / "livesrv.toml"
+    config.write_text("[chat]\nrate = 100.0\nburst = 100\n")
+    channel = "room_" + uuid.uuid4().hex[:8]  # the Redis is shared: a channel of our own
+    a = ServerProcess(tmp_path / "a", redis=redis_url, node_id="node-a", config=str(config))
+    b = ServerProcess(tmp_path / "b", redis=redis_url, node_id="node-b", config=str(config))
+    with a, b:
+        status, body = post_json(a.url + "/api/auth/register",
+                                 {"username": "walt", "password": "pw-walt-12345"})
+        assert status == 201, body
+        async with aiohttp.ClientSession() as session:
+            sender = await session.ws_connect(f"{a.url}/ws/rooms/{channel}", params={"token": body["token"]})
+            reader = await session.ws_connect(f"{b.url}/ws/rooms/{channel}")
+            # B subscribes to Redis in the background: probe until a message gets through
+            await probe(sender, reader, "probe")
+
+            await sender.send_str(json.dumps({"type": "chat", "text": "the one"}))
+            await sender.send_str(json.dumps({"type": "chat", "text": "marker"}))
+            got: list[str] = []
+            while "marker" not in got:
+                texts = await chats(reader, WAIT)
+                assert texts is not None, f"node B stopped receiving; got {got}"
+                got += texts
+            assert got.count("the one") == 1
+            assert got.index("the one") < got.index("marker")
+            await sender.close()
+            await reader.close()
+
+
+async def until_text(ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
+    got: list[str] = []
+    while text not in got:
+        texts = await chats(ws, WAIT)
+        assert texts is not None, f"{text!r} never arrived; got {got}"
+        got += texts
+
+
+async def probe(sender: aiohttp.ClientWebSocketResponse, reader: aiohttp.ClientWebSocketResponse,
+                tag: str, tries: int = 100) -> None:
+    """Send until one message crosses (subscriptions are made in the background)."""
+    for i in range(tries):
+        await sender.send_str(json.dumps({"type": "chat", "text": f"{tag} {i}"}))
+        # drain what is there: a frame without chat (viewers) must not end the wait early
+        while (texts := await chats(reader, 0.3)) is not None:
+            if any(t.startswith(tag) for t in texts):
+                return
+    raise AssertionError(f"no {tag} message crossed the nodes")
+
+
+class PrivateRedis:
+    """A redis-server of this test's own, so stopping it disturbs no one else."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                      "--save", "", "--appendonly", "no"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("private redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    redis = PrivateRedis()
+    try:
+        redis.start()
+    except FileNotFoundError:
+        pytest.skip("redis-server is not installed")
+    try:
+        yield redis
+    finally:
+        redis.stop()
+
+
+async def wait_ready(server: ServerProcess, ready: bool) -> None:
+    deadline = time.monotonic() + 30
+    while (get_json(server.url + "/readyz")[0] == 200) != ready:
+        assert time.monotonic() < deadline, f"/readyz never became {'ready' if ready else 'unready'}"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_outage_keeps_local_chat_and_cross_node_comes_back(
+        tmp_path: Path, private_redis: PrivateRedis) -> None:
+    config = tmp_path / "livesrv.toml"
+    config.write_text("[chat]\nrate = 100.0\nburst = 100\n")
+    channel = "room_" + uuid.uuid4().hex[:8]
+    a = ServerProcess(tmp_path / "a", redis=private_redis.url, node_id="node-a", config=str(config))
+    b = ServerProcess(tmp_path / "b", redis=private_redis.url, node_id="node-b", config=str(config))
+    with a, b:
+        status, body = post_json(a.url + "/api/auth/register",
+                                 {"username": "vera", "password": "pw-vera-12345"})
+        assert status == 201, body
+        async with aiohttp.ClientSession() as session:
+            sender = await session.ws_connect(f"{a.url}/ws/rooms/{channel}", params={"token": body["token"]})
+            local = await session.ws_connect(f"{a.url}/ws/rooms/{channel}")
+            remote = await session.ws_connect(f"{b.url}/ws/rooms/{channel}")
+            await probe(sender, remote, "before")
+
+            private_redis.stop()
+            await wait_ready(a, False)
+            await sender.send_str(json.dumps({"type": "chat", "text": "during the outage"}))
+            await until_text(local, "during the outage")  # the room on node A keeps working
+
+            private_redis.start()
+            await wait_ready(a, True)
+            await wait_ready(b, True)
+            await probe(sender, remote, "after")  # resubscribed without a restart
+            for ws in (sender, local, remote):
+                await ws.close()
