@@ -211,11 +211,14 @@ class RenditionPackager:
         self._labels = (SEGMENTS.labels(state.name), SEGMENT_SECONDS.labels(state.name),
                         PACKAGED_BYTES.labels(state.name))
         self._parts = PARTS.labels(state.name)
+        # Subscribed here, not when ``run`` starts: a ladder rung is announced and fed by its
+        # encoder at once, and packets published before the task's first step would be gone
+        # (all but the cached GOP). The packets of this publication also wait here while the
+        # previous packager finishes its last segment: the playlist gets its segments in order.
+        self.subscription = stream.subscribe(f"hls/{state.name}", maxsize=settings.queue_packets)
 
     async def run(self, previous: asyncio.Task[None] | None) -> None:
-        # The packets of this publication wait in the subscription while the previous one
-        # finishes its last segment: the playlist must get its segments in order.
-        subscription = self.stream.subscribe(f"hls/{self.state.name}", maxsize=self.settings.queue_packets)
+        subscription = self.subscription
         PACKAGERS.inc()
         try:
             if previous is not None and not previous.done():
@@ -459,6 +462,8 @@ class HlsService:
         previous = state.task
         task = asyncio.get_running_loop().create_task(packager.run(previous),
                                                       name=f"hls {channel.name}/{name}")
+        # a task cancelled before its first step never runs its ``finally``
+        task.add_done_callback(lambda _: packager.subscription.close())
         state.task = task
         task.add_done_callback(lambda t: self._packager_done(channel, name, publication, t))
 
