@@ -1,76 +1,68 @@
-"""One socket's outbound side: a bounded queue of already-encoded events and a sender task.
+"""A room's outbound side: every socket gets the very same frame bytes, written in one pass.
 
-The room never waits for a socket: it appends to the queue and moves on. A socket whose queue
-is full is dropped (``abort``), so one slow viewer costs the room nothing. When the room is
-busy, the sender waits ``batch_interval`` and sends everything queued as one ``batch`` frame,
-built by joining the encoded events (no re-encoding).
+The room collects encoded events and, once per flush, joins them into one frame (a single event,
+or ``{"type":"batch","events":[...]}``), builds the WebSocket frame once and writes that ``bytes``
+object to every viewer's transport. Per viewer and per flush the work is one buffer-size check
+and one ``transport.write``: no per-socket queue, task, copy or encoding.
+
+The room never waits for a socket. A transport whose write buffer (what the kernel would not
+take yet) is past ``send_buffer`` bytes is a slow viewer: it is aborted, and the room moves on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Iterable
 
 from . import metrics
+from .wsframe import text_frame
 
 log = logging.getLogger(__name__)
 
 
-class Outbox:
-    def __init__(self, send: Callable[[str], Awaitable[None]], abort: Callable[[], None], *,
-                 limit: int, batch_interval: float, busy: Callable[[], bool]) -> None:
-        self._send = send
-        self._abort = abort
-        self._limit = limit
-        self._batch_interval = batch_interval
-        self._busy = busy
-        #: (text, standalone): standalone frames (history) are never put inside a batch
-        self._queue: deque[tuple[str, bool]] = deque()
-        self._wake = asyncio.Event()
+class Seat:
+    """One socket's place in a room: where its frames go, and whose socket it is."""
+
+    __slots__ = ("dropped", "transport", "user")
+
+    def __init__(self, transport: asyncio.WriteTransport, user: str | None = None) -> None:
+        self.transport = transport
+        self.user = user  # the logged-in username, for delivering their own sampled-out chat
         self.dropped = False
-        self.closed = False
 
-    def push(self, text: str, *, standalone: bool = False) -> bool:
-        if self.dropped or self.closed:
-            return False
-        if len(self._queue) >= self._limit:
-            self.dropped = True
-            metrics.DROPPED_SOCKETS.inc()
-            log.info("dropping a slow room socket (%d events queued)", len(self._queue))
-            self._queue.clear()
-            self._wake.set()
-            self._abort()
-            return False
-        self._queue.append((text, standalone))
-        self._wake.set()
-        return True
+    def send(self, text: str) -> None:
+        """One frame to this socket alone, now (history, an error, the first viewer count)."""
+        if not self.dropped and not self.transport.is_closing():
+            self.transport.write(text_frame(text.encode()))
 
-    def close(self) -> None:
-        self.closed = True
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Send until closed or dropped; errors of a dead connection end it quietly."""
-        try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                if self.dropped or self.closed:
-                    return
-                if self._busy() and self._queue:
-                    await asyncio.sleep(self._batch_interval)
-                while self._queue and not self.dropped:
-                    await self._send(self._next_frame())
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+    def drop(self, reason: str) -> None:
+        """Close the connection without a goodbye: a slow reader would not read one either."""
+        if self.dropped:
             return
+        self.dropped = True
+        metrics.DROPPED_SOCKETS.inc()
+        log.info("dropping a room socket: %s", reason)
+        self.transport.abort()
 
-    def _next_frame(self) -> str:
-        text, standalone = self._queue.popleft()
-        if standalone or not self._queue or self._queue[0][1]:
-            return text
-        events = [text]
-        while self._queue and not self._queue[0][1]:
-            events.append(self._queue.popleft()[0])
-        return '{"type":"batch","events":[' + ",".join(events) + "]}"
+
+def batch_text(events: list[str]) -> str:
+    """One frame's JSON for already-encoded events: joined, never re-encoded."""
+    if len(events) == 1:
+        return events[0]
+    return '{"type":"batch","events":[' + ",".join(events) + "]}"
+
+
+def write_all(seats: Iterable[Seat], frame: bytes, send_buffer: int) -> list[Seat]:
+    """Write ``frame`` to every seat's transport; the seats found too slow (not written).
+
+    This is the per-viewer hot loop: keep it to a size check and a write.
+    """
+    slow: list[Seat] = []
+    for seat in seats:
+        transport = seat.transport
+        if transport.get_write_buffer_size() > send_buffer:
+            slow.append(seat)
+        elif not transport.is_closing():
+            transport.write(frame)
+    return slow

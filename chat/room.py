@@ -3,6 +3,7 @@ applies moderation and fans events out (encoded once per room, then queued per s
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -10,16 +11,21 @@ from collections.abc import Callable
 from typing import Any
 
 from . import metrics
-from .fanout import Outbox
+from .fanout import Seat, batch_text, write_all
 from .history import History
 from .moderation import Moderation
 from .settings import ChatSettings
+from .wsframe import text_frame
 
 Subscribe = Callable[[str, Callable[[dict[str, Any]], None]], Callable[[], None]]
 
 
 def topic(channel: str) -> str:
     return f"room:{channel}"
+
+
+def _encode(event: dict[str, Any]) -> str:
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
 class RateMeter:
@@ -47,15 +53,22 @@ class RateMeter:
 
 
 class Room:
+    """One room on this node: its seats, history, sampler and the pending frame."""
+
     def __init__(self, channel: str, settings: ChatSettings, moderation: Moderation) -> None:
         self.channel = channel
         self.settings = settings
         self.moderation = moderation
         self.history = History(settings.history)
-        self.outboxes: set[Outbox] = set()
+        #: insertion-ordered, O(1) removal; iterated once per flush
+        self.seats: dict[Seat, None] = {}
+        #: a logged-in user's own seats: their chat is shown to them even when sampled out
+        self.own_seats: dict[str, set[Seat]] = {}
         self.meter = RateMeter()
         self.shed = 0
         self._credit = 0.0  # the sampler's accumulator: keeps limit/rate of the chat events
+        self._pending: list[str] = []  # encoded events waiting for the next flush
+        self._flush_timer: asyncio.TimerHandle | None = None
         self.last_viewers: int | None = None
         self.unsubscribe: Callable[[], None] | None = None
 
@@ -70,9 +83,10 @@ class Room:
             return
         if kind == "chat":
             self.history.append(data)  # history is complete even when delivery is sampled
-            if self._sampled_out():
+            if data.get("user") != self.channel and self._sampled_out():  # never the anchor's
                 self.shed += 1
                 metrics.SHED.inc()
+                self._deliver_to_author(data)
                 return
         self.deliver(data)
 
@@ -87,14 +101,72 @@ class Room:
             return False
         return True
 
+    def _deliver_to_author(self, event: dict[str, Any]) -> None:
+        """Whoever sent a shed message still sees it (as danmaku apps do); nobody else does."""
+        seats = self.own_seats.get(event.get("user", ""))
+        if not seats:
+            return
+        self.flush()  # what was pending came first: keep the order (resumes rely on ids)
+        text = _encode(event)
+        for seat in seats:
+            seat.send(text)
+
     def deliver(self, event: dict[str, Any]) -> None:
-        """Encode once, queue the same string to every socket."""
+        """Encode once; a quiet room flushes at once, a busy one within ``batch_interval``."""
         if event.get("type") != "chat":
             self.meter.tick()
-        text = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
-        for outbox in tuple(self.outboxes):
-            if outbox.push(text):
-                metrics.MESSAGES_OUT.inc()
+        self._pending.append(_encode(event))
+        if not self.busy:
+            self.flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(
+                self.settings.batch_interval, self.flush)
+
+    def flush(self) -> None:
+        """The pending events as one frame, built once, written to every seat."""
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        if not self._pending:
+            return
+        events, self._pending = self._pending, []
+        frame = text_frame(batch_text(events).encode())
+        # a snapshot: a write never calls back into the room, but a drop below changes seats
+        seats = tuple(self.seats)
+        slow = write_all(seats, frame, self.settings.send_buffer)
+        for seat in slow:
+            seat.drop(f"{seat.transport.get_write_buffer_size()} bytes unsent")
+            self.remove(seat)
+        reached = len(seats) - len(slow)
+        metrics.FRAMES_OUT.inc(reached)
+        metrics.BYTES_OUT.inc(reached * len(frame))
+        metrics.MESSAGES_OUT.inc(reached * len(events))
+
+    def add(self, seat: Seat) -> None:
+        self.seats[seat] = None
+        metrics.SOCKETS.inc()
+        if seat.user is not None:
+            self.own_seats.setdefault(seat.user, set()).add(seat)
+
+    def remove(self, seat: Seat) -> bool:
+        """Take ``seat`` out; False if it was not here (already dropped)."""
+        if seat not in self.seats:
+            return False
+        del self.seats[seat]
+        metrics.SOCKETS.dec()
+        if seat.user is not None:
+            own = self.own_seats.get(seat.user)
+            if own is not None:
+                own.discard(seat)
+                if not own:
+                    del self.own_seats[seat.user]
+        return True
+
+    def close(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+        self._pending.clear()
 
 
 class Rooms:
@@ -115,28 +187,28 @@ class Rooms:
             found = self.moderation[channel] = Moderation(self.settings)
         return found
 
-    def join(self, channel: str, outbox: Outbox, since: str | None = None) -> Room:
-        """Attach ``outbox`` and queue its history first, in one step (no await): nothing
+    def join(self, channel: str, seat: Seat, since: str | None = None) -> Room:
+        """Seat ``seat`` and send its history first, in one step (no await): nothing
         delivered in between can be missed or repeated."""
         room = self.rooms.get(channel)
         if room is None:
             room = self.rooms[channel] = Room(channel, self.settings, self.moderation_for(channel))
             room.unsubscribe = self._subscribe(topic(channel), room.on_bus)
             metrics.ROOMS.inc()
-        history = {"type": "history", "events": room.history.since(since)}
-        outbox.push(json.dumps(history, separators=(",", ":"), ensure_ascii=False), standalone=True)
-        room.outboxes.add(outbox)
-        metrics.SOCKETS.inc()
+        # pending events are in history already: flush them to the others first, so the
+        # newcomer gets them once (in its history), not twice
+        room.flush()
+        seat.send(_encode({"type": "history", "events": room.history.since(since)}))
+        room.add(seat)
         return room
 
-    def leave(self, room: Room, outbox: Outbox) -> None:
-        if outbox not in room.outboxes:
-            return
-        room.outboxes.discard(outbox)
-        metrics.SOCKETS.dec()
-        if not room.outboxes and self.rooms.get(room.channel) is room:
+    def leave(self, room: Room, seat: Seat) -> None:
+        """Idempotent: a seat the room dropped as slow has left already (and is counted)."""
+        room.remove(seat)
+        if not room.seats and self.rooms.get(room.channel) is room:
             del self.rooms[room.channel]
             metrics.ROOMS.dec()
+            room.close()
             if room.unsubscribe is not None:
                 room.unsubscribe()
 

@@ -12,8 +12,8 @@ class ChatSettings:
     burst: int = 5  # messages a user may send at once before the rate applies
     banned_words: list[str] = field(default_factory=list)  # case-insensitive substrings
     history: int = 100  # chat messages kept per room for joiners and resumes
-    queue_size: int = 512  # events buffered per socket before it is dropped as too slow
-    batch_interval: float = 0.1  # seconds a busy room's socket collects events into one frame
+    send_buffer: int = 256 * 1024  # bytes a socket may leave unsent before it is dropped as too slow
+    batch_interval: float = 0.1  # seconds a busy room collects events into one frame
     busy_rate: float = 20.0  # events/s in a room from which sockets batch
-    sample_rate: float = 500.0  # chat events/s per room past which delivery is sampled
+    sample_rate: float = 100.0  # chat events/s per room past which delivery is sampled
     viewers_interval: float = 3.0  # seconds between viewer-count checks

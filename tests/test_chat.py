@@ -1,16 +1,23 @@
-"""The room logic of ``chat`` on its own: moderation, history, sampling, per-socket outboxes."""
+"""The room logic of ``chat`` on its own: moderation, history, sampling and fan-out, the frames
+read back from real socket pairs (the room writes to real asyncio transports)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
+from collections.abc import AsyncIterator
 from typing import Any
 
-from chat.fanout import Outbox
+import pytest
+
+from chat.fanout import Seat
 from chat.history import History
 from chat.moderation import Moderation, TokenBucket
 from chat.room import Rooms
 from chat.settings import ChatSettings
+from chat.wsframe import text_frame
 
 
 def test_token_bucket_bursts_then_refills() -> None:
@@ -62,63 +69,178 @@ def test_history_since() -> None:
     assert [e["id"] for e in history.since("000")] == ["002", "003", "004"]
 
 
-class FakeSocket:
+def parse_frames(data: bytes) -> tuple[list[bytes], bytes]:
+    """Unmasked server frames (RFC 6455 §5.2) → payloads, and the incomplete rest."""
+    payloads = []
+    while len(data) >= 2:
+        assert data[0] == 0x81, "FIN + text"
+        size, offset = data[1] & 0x7F, 2
+        assert not data[1] & 0x80, "server frames are not masked"
+        if size == 126:
+            if len(data) < 4:
+                break
+            size, offset = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            if len(data) < 10:
+                break
+            size, offset = struct.unpack("!Q", data[2:10])[0], 10
+        if len(data) < offset + size:
+            break
+        payloads.append(data[offset:offset + size])
+        data = data[offset + size:]
+    return payloads, data
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 200_000])
+def test_text_frame_lengths(size: int) -> None:
+    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    frame = text_frame(payload)
+    assert parse_frames(frame) == ([payload], b"")
+    if size:
+        assert parse_frames(frame[:-1]) == ([], frame[:-1])
+
+
+class Viewer:
+    """A real socket pair: the room writes to one end's asyncio transport, the test reads the
+    other end and parses the frames."""
+
+    def __init__(self, transport: asyncio.WriteTransport, peer: socket.socket, user: str | None) -> None:
+        self.seat = Seat(transport, user)
+        self.peer = peer
+        self.frames: list[dict[str, Any]] = []
+        self._rest = b""
+
+    @classmethod
+    async def open(cls, user: str | None = None, *, rcvbuf: int | None = None) -> Viewer:
+        ours, peer = socket.socketpair()
+        if rcvbuf is not None:
+            for sock, option in ((peer, socket.SO_RCVBUF), (ours, socket.SO_SNDBUF)):
+                sock.setsockopt(socket.SOL_SOCKET, option, rcvbuf)
+        peer.setblocking(False)
+        transport, _ = await asyncio.get_running_loop().create_connection(asyncio.Protocol, sock=ours)
+        return cls(transport, peer, user)  # type: ignore[arg-type]
+
+    async def read_until(self, done: Any, limit: float = 10.0) -> list[dict[str, Any]]:
+        """Read frames until ``done(frames)``; every frame so far."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(limit):
+            while not done(self.frames):
+                chunk = await loop.sock_recv(self.peer, 1 << 20)
+                assert chunk, "the room closed the socket"
+                payloads, self._rest = parse_frames(self._rest + chunk)
+                self.frames += [json.loads(p) for p in payloads]
+        return self.frames
+
+    def events(self) -> list[dict[str, Any]]:
+        return [e for f in self.frames for e in (f["events"] if f["type"] == "batch" else [f])]
+
+    def close(self) -> None:
+        self.seat.transport.close()
+        self.peer.close()
+
+
+def ends(frames: list[dict[str, Any]]) -> bool:
+    last = frames[-1] if frames else None
+    return last is not None and (last.get("id") == "end" or (
+        last["type"] == "batch" and last["events"][-1].get("id") == "end"))
+
+
+class Bus:
+    """The room's subscription, called directly as the bus would."""
+
     def __init__(self) -> None:
-        self.frames: list[Any] = []
-        self.aborted = False
-        self.gate = asyncio.Event()
-        self.gate.set()
-        self.done = asyncio.Event()  # set when the test's closing "end" frame arrives
+        self.handlers: dict[str, Any] = {}
 
-    async def send(self, text: str) -> None:
-        await self.gate.wait()
-        frame = json.loads(text)
-        self.frames.append(frame)
-        if frame["type"] == "end" or (frame["type"] == "batch" and frame["events"][-1]["type"] == "end"):
-            self.done.set()
-
-    def abort(self) -> None:
-        self.aborted = True
+    def subscribe(self, topic: str, handler: Any) -> Any:
+        self.handlers[topic] = handler
+        return lambda: self.handlers.pop(topic)
 
 
-async def test_room_encodes_once_samples_and_keeps_full_history() -> None:
-    subscribed: dict[str, Any] = {}
+@pytest.fixture
+async def viewers() -> AsyncIterator[list[Viewer]]:
+    opened: list[Viewer] = []
+    yield opened
+    for viewer in opened:
+        viewer.close()
 
-    def subscribe(topic: str, handler: Any) -> Any:
-        subscribed[topic] = handler
-        return lambda: subscribed.pop(topic)
 
-    rooms = Rooms(ChatSettings(sample_rate=10, busy_rate=1e9, queue_size=10_000), "n1", subscribe)
-    socket = FakeSocket()
-    outbox = Outbox(socket.send, socket.abort, limit=10_000, batch_interval=0.1, busy=lambda: False)
-    room = rooms.join("r", outbox)
-    assert "room:r" in subscribed
+async def test_room_samples_chat_keeps_full_history_and_writes_one_frame(viewers: list[Viewer]) -> None:
+    bus = Bus()
+    rooms = Rooms(ChatSettings(sample_rate=10, busy_rate=1e9), "n1", bus.subscribe)
+    viewers += [await Viewer.open(), await Viewer.open("u"), await Viewer.open("anchor")]
+    room = None
+    for viewer in viewers:
+        room = rooms.join("anchor", viewer.seat)
+    assert room is not None and "room:anchor" in bus.handlers
     for i in range(200):
-        subscribed["room:r"](rooms.chat_event("u", str(i)))
+        bus.handlers["room:anchor"](rooms.chat_event("u", f"u{i}"))
+    for i in range(20):
+        bus.handlers["room:anchor"](rooms.chat_event("anchor", f"a{i}"))
+    room.deliver({"type": "viewers", "count": 3, "id": "end"})
     # the sampler keeps about sample_rate per second; everything is in history
-    assert room.shed > 0 and room.shed < 200
+    assert 0 < room.shed < 200
     assert len(room.history.since(None)) == 100
-    task = asyncio.create_task(outbox.run())
-    outbox.push('{"type":"end"}')
-    await asyncio.wait_for(socket.done.wait(), 10)
-    outbox.close()
-    await task
-    events = [e for f in socket.frames for e in (f["events"] if f["type"] == "batch" else [f])]
-    assert socket.frames[0]["type"] == "history"  # never inside a batch
-    assert len([e for e in events if e["type"] == "chat"]) == 200 - room.shed
-    rooms.leave(room, outbox)
-    assert subscribed == {} and rooms.rooms == {}
+    for viewer in viewers:
+        await viewer.read_until(ends)
+        assert viewer.frames[0]["type"] == "history"
+    anonymous, author, anchor = (v.events() for v in viewers)
+    chats = [[e["text"] for e in events if e["type"] == "chat"] for events in (anonymous, author, anchor)]
+    # the anchor's own messages are never shed; what others get is the same sample
+    assert chats[0] == chats[2] and len(chats[0]) == 220 - room.shed
+    assert [t for t in chats[0] if t.startswith("a")] == [f"a{i}" for i in range(20)]
+    # the author sees every one of their messages, in order
+    assert [t for t in chats[1] if t.startswith("u")] == [f"u{i}" for i in range(200)]
+    rooms.leave(room, viewers[0].seat)
+    assert "anchor" in rooms.rooms
+    for viewer in viewers[1:]:
+        rooms.leave(room, viewer.seat)
+    assert bus.handlers == {} and rooms.rooms == {}
 
 
-async def test_a_full_outbox_is_dropped_not_waited_for() -> None:
-    socket = FakeSocket()
-    socket.gate.clear()  # the socket does not take anything
-    outbox = Outbox(socket.send, socket.abort, limit=3, batch_interval=0.1, busy=lambda: False)
-    task = asyncio.create_task(outbox.run())
-    assert outbox.push('{"type":"chat"}')
-    await asyncio.sleep(0)  # the sender takes it and blocks on the socket
-    assert all(outbox.push('{"type":"chat"}') for _ in range(3))
-    assert not outbox.push('{"type":"chat"}')
-    assert outbox.dropped and socket.aborted
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+async def test_busy_room_batches_and_a_joiner_gets_each_event_once(viewers: list[Viewer]) -> None:
+    bus = Bus()
+    rooms = Rooms(ChatSettings(busy_rate=5, batch_interval=0.05, sample_rate=1e9), "n1", bus.subscribe)
+    viewers.append(await Viewer.open())
+    room = rooms.join("r", viewers[0].seat)
+    for i in range(30):
+        bus.handlers["room:r"](rooms.chat_event("u", str(i)))
+    assert room.busy
+    # a joiner while events are pending: they are in its history, and not sent to it again
+    viewers.append(await Viewer.open())
+    rooms.join("r", viewers[1].seat)
+    for i in range(30, 60):
+        bus.handlers["room:r"](rooms.chat_event("u", str(i)))
+    room.deliver({"type": "viewers", "count": 2, "id": "end"})
+    first, second = viewers
+    await first.read_until(ends)
+    await second.read_until(ends)
+    assert [e["text"] for e in first.events() if e["type"] == "chat"] == [str(i) for i in range(60)]
+    history = second.frames[0]
+    assert history["type"] == "history"
+    seen = [e["text"] for e in history["events"]] + [e["text"] for e in second.events() if e["type"] == "chat"]
+    assert seen == [str(i) for i in range(60)]
+    assert any(f["type"] == "batch" for f in first.frames), "a busy room batches"
+    assert len(first.frames) < 30
+
+
+async def test_a_slow_socket_is_dropped_and_the_room_goes_on(viewers: list[Viewer]) -> None:
+    bus = Bus()
+    rooms = Rooms(ChatSettings(busy_rate=1e9, send_buffer=64 * 1024), "n1", bus.subscribe)
+    good, slow = await Viewer.open(), await Viewer.open(rcvbuf=4096)
+    viewers += [good, slow]
+    room = rooms.join("r", good.seat)
+    rooms.join("r", slow.seat)
+    payload = "x" * 16384
+    sent = 0
+    # the good viewer reads everything; the slow one reads nothing
+    while slow.seat in room.seats:
+        assert sent < 10_000, "the slow socket was never dropped"
+        room.deliver({"type": "gift", "id": str(sent), "gift": payload})
+        sent += 1
+        await good.read_until(lambda frames, n=sent: len(frames) >= n + 1)
+    assert slow.seat.dropped and slow.seat.transport.is_closing()
+    room.deliver({"type": "viewers", "count": 1, "id": "end"})
+    await good.read_until(ends)
+    assert [e["id"] for e in good.events() if e["type"] == "gift"] == [str(i) for i in range(sent)]
+    rooms.leave(room, slow.seat)  # the handler's own leave, after the drop: harmless
+    assert list(room.seats) == [good.seat]

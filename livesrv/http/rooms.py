@@ -19,7 +19,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from chat import metrics
-from chat.fanout import Outbox
+from chat.fanout import Seat
 from chat.room import Room, Rooms, topic
 from chat.settings import ChatSettings
 
@@ -72,40 +72,31 @@ async def room_socket(request: web.Request) -> web.WebSocketResponse:
     rooms = app[ROOMS]
     bus = app[BUS]
     user = await optional_user(request)
-    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=16 * 1024)
+    # no permessage-deflate: the room writes one prebuilt frame to every socket, and a
+    # compressed stream (context takeover) would have to be compressed per socket
+    ws = web.WebSocketResponse(heartbeat=30, max_msg_size=16 * 1024, compress=False)
     await ws.prepare(request)
-    app[SOCKETS].add(ws)
     transport = request.transport
-
-    def abort() -> None:  # the slow-socket exit: no close handshake to wait for
-        if transport is not None:
-            transport.abort()
-
-    room_ref: list[Room] = []
-    outbox = Outbox(ws.send_str, abort, limit=rooms.settings.queue_size,
-                    batch_interval=rooms.settings.batch_interval,
-                    busy=lambda: bool(room_ref) and room_ref[0].busy)
-    room = rooms.join(channel, outbox, since=request.query.get("since") or None)
-    room_ref.append(room)
-    sender = asyncio.create_task(outbox.run())
+    if transport is None:  # the client went away during the handshake
+        return ws
+    app[SOCKETS].add(ws)
+    # room frames are written straight to the transport, whole frames only, so they never
+    # interleave with aiohttp's own (pong, close), which it also writes whole
+    seat = Seat(transport, user.username if user is not None else None)
+    room = rooms.join(channel, seat, since=request.query.get("since") or None)
     _add_viewer(app, channel, +1)
     try:
-        count = await _viewers(app, channel)
-        outbox.push(_encode({"type": "viewers", "count": count}))
+        seat.send(_encode({"type": "viewers", "count": await _viewers(app, channel)}))
         async for msg in ws:
             if msg.type == WSMsgType.TEXT:
                 reply = await _on_text(rooms, bus.publish, room, user, msg.data)
                 if reply is not None:
-                    outbox.push(reply)
+                    seat.send(reply)
             elif msg.type == WSMsgType.BINARY:
-                outbox.push(_error("bad_json", "send JSON text frames"))
+                seat.send(_error("bad_json", "send JSON text frames"))
     finally:
         _add_viewer(app, channel, -1)
-        rooms.leave(room, outbox)
-        outbox.close()
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
+        rooms.leave(room, seat)
         app[SOCKETS].discard(ws)
     return ws
 
