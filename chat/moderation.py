@@ -1,7 +1,7 @@
 """Who may say what in a room: length, emptiness, banned words, rate, mute, ban, slow mode.
 
-State is per node and in memory; actions by the anchor travel over the bus so every node
-that holds the room applies them.
+The state is applied in memory on every node (actions travel over the bus); bans, mutes and
+slow mode are also kept in the store (chat/store.py), so a node starting later knows them.
 """
 
 from __future__ import annotations

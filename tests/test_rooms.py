@@ -197,6 +197,47 @@ async def test_anchor_mutes_bans_and_slows(client: TestClient) -> None:
     assert event["type"] == "chat" and event["text"] == "again"
 
 
+async def test_moderation_outlives_a_restart(tmp_path: Path) -> None:
+    """Bans, mutes and slow mode are kept in the store: a node started later knows them."""
+    client = await make_client(tmp_path, rate=100, burst=100)
+    try:
+        anchor = await register(client, "ivan")
+        troll = await register(client, "judy")
+        noisy = await register(client, "kate")
+        auth = {"Authorization": f"Bearer {anchor}"}
+        for action, body in (("ban", {"user": "judy"}), ("mute", {"user": "kate", "seconds": 600}),
+                             ("slow", {"seconds": 600})):
+            response = await client.post(f"/api/rooms/ivan/{action}", json=body, headers=auth)
+            assert response.status == 200, await response.text()
+    finally:
+        await client.close()
+
+    client = await make_client(tmp_path, rate=100, burst=100)  # the same data dir: a restart
+    try:
+        for token, code in ((troll, "banned"), (noisy, "muted")):
+            ws, _ = await join(client, "ivan", token)
+            await say(ws, "hello again")
+            assert (await next_event(ws, "chat", "error"))["code"] == code
+        newcomer = await register(client, "leo")
+        ws, _ = await join(client, "ivan", newcomer)
+        await say(ws, "first")
+        assert (await next_event(ws, "chat", "error"))["text"] == "first"
+        await say(ws, "second")
+        assert (await next_event(ws, "chat", "error"))["code"] == "slow_mode"
+        assert (await client.post("/api/rooms/ivan/unban", json={"user": "judy"},
+                                  headers={"Authorization": f"Bearer {anchor}"})).status == 200
+    finally:
+        await client.close()
+
+    client = await make_client(tmp_path, rate=100, burst=100)
+    try:
+        ws, _ = await join(client, "ivan", troll)
+        await say(ws, "thanks")
+        assert (await next_event(ws, "chat", "error"))["text"] == "thanks"
+    finally:
+        await client.close()
+
+
 async def test_busy_room_batches_events(tmp_path: Path) -> None:
     client = await make_client(tmp_path, busy_rate=5, batch_interval=0.1)
     try:

@@ -62,6 +62,40 @@ async def test_chat_crosses_nodes_once(tmp_path: Path, redis_url: str) -> None:
             await reader.close()
 
 
+async def viewer_count(ws: aiohttp.ClientWebSocketResponse, expected: int, within: float = 30) -> None:
+    """Read frames until a ``viewers`` event says ``expected`` (the count goes out on change)."""
+    seen: list[int] = []
+    async with asyncio.timeout(within):
+        while not seen or seen[-1] != expected:
+            msg = await ws.receive()
+            assert msg.type == aiohttp.WSMsgType.TEXT, msg
+            frame = json.loads(msg.data)
+            events = frame["events"] if frame["type"] == "batch" else [frame]
+            seen += [e["count"] for e in events if e["type"] == "viewers"]
+    assert seen[-1] == expected, seen
+
+
+async def test_viewer_count_is_the_sum_over_both_nodes(tmp_path: Path, redis_url: str) -> None:
+    config = tmp_path / "livesrv.toml"
+    config.write_text("[chat]\nviewers_interval = 0.2\n")
+    channel = "room_" + uuid.uuid4().hex[:8]
+    a = ServerProcess(tmp_path / "a", redis=redis_url, node_id="count-a", config=str(config))
+    b = ServerProcess(tmp_path / "b", redis=redis_url, node_id="count-b", config=str(config))
+    with a, b:
+        async with aiohttp.ClientSession() as session:
+            on_a = [await session.ws_connect(f"{a.url}/ws/rooms/{channel}") for _ in range(2)]
+            on_b = [await session.ws_connect(f"{b.url}/ws/rooms/{channel}") for _ in range(3)]
+            # every socket, on either node, is told 5
+            for ws in on_a + on_b:
+                await viewer_count(ws, 5)
+            for ws in on_b[:2]:
+                await ws.close()
+            for ws in on_a + on_b[2:]:
+                await viewer_count(ws, 3)
+            for ws in on_a + on_b[2:]:
+                await ws.close()
+
+
 async def until_text(ws: aiohttp.ClientWebSocketResponse, text: str) -> None:
     got: list[str] = []
     while text not in got:

@@ -22,14 +22,16 @@ from chat import metrics
 from chat.fanout import Seat
 from chat.room import Room, Rooms, topic
 from chat.settings import ChatSettings
+from chat.store import ModerationStore
 
 from ..bus import BusMessage
-from ..keys import BUS, NODE_ID, PRESENCE, SETTINGS, VIEWERS
+from ..keys import BUS, DB, NODE_ID, PRESENCE, SETTINGS, VIEWERS
 from .auth import json_error, optional_user, read_json, require_user
 
 log = logging.getLogger(__name__)
 
 ROOMS = web.AppKey("rooms", Rooms)
+MODERATION_STORE = web.AppKey("moderation_store", ModerationStore)
 SOCKETS: web.AppKey[weakref.WeakSet[web.WebSocketResponse]] = web.AppKey("room_sockets")
 #: viewers per channel on this node, used while no presence service is wired
 LOCAL_VIEWERS: web.AppKey[dict[str, int]] = web.AppKey("local_viewers")
@@ -148,7 +150,9 @@ async def _moderate(request: web.Request, action: str) -> web.Response:
         if not isinstance(seconds, int | float) or seconds < 0:
             raise json_error(400, "seconds must be a number >= 0")
         event["seconds"] = float(seconds)
-    # applied here too: this node may hold no socket of the room (so no subscription)
+    # kept first (a node starting later loads it), then applied here too: this node may hold
+    # no socket of the room (so no subscription)
+    await request.app[MODERATION_STORE].record(channel, event)
     request.app[ROOMS].moderation_for(channel).apply(event)
     await request.app[BUS].publish(topic(channel), event)
     return web.json_response({k: v for k, v in event.items() if k != "type"})
@@ -183,7 +187,11 @@ async def _rooms_lifetime(app: web.Application) -> AsyncIterator[None]:
     def subscribe(name: str, handler: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         return bus.subscribe(name, lambda message: handler(message.data))
 
-    app[ROOMS] = Rooms(app[SETTINGS].section("chat", ChatSettings), app[NODE_ID], subscribe)
+    rooms = app[ROOMS] = Rooms(app[SETTINGS].section("chat", ChatSettings), app[NODE_ID], subscribe)
+    store = app[MODERATION_STORE] = ModerationStore(app[DB])
+    await store.migrate()
+    for channel, event in await store.load():
+        rooms.moderation_for(channel).apply(event)
     task = asyncio.create_task(_viewer_loop(app))
     yield
     task.cancel()
