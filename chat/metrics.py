@@ -5,7 +5,8 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge
 
 SOCKETS = Gauge("livesrv_chat_sockets", "Room WebSockets open on this node")
-ROOMS = Gauge("livesrv_chat_rooms", "Rooms with at least one socket on this node")
+ROOMS = Gauge("livesrv_chat_rooms",
+              "Rooms held on this node (with sockets, or lingering to keep their history)")
 MESSAGES_IN = Counter("livesrv_chat_messages_in_total", "Chat messages accepted from sockets")
 MESSAGES_OUT = Counter("livesrv_chat_messages_out_total", "Events written to sockets (events x sockets)")
 FRAMES_OUT = Counter("livesrv_chat_frames_out_total", "WebSocket frames written to room sockets")

@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import metrics
 from .fanout import Seat, batch_text, write_all
@@ -18,6 +18,14 @@ from .settings import ChatSettings
 from .wsframe import text_frame
 
 Subscribe = Callable[[str, Callable[[dict[str, Any]], None]], Callable[[], None]]
+
+
+class SharedHistory(Protocol):
+    """Room history kept beyond this node (livesrv.room_history.RedisRoomHistory)."""
+
+    def append(self, channel: str, event: dict[str, Any]) -> None: ...
+
+    async def recent(self, channel: str) -> list[dict[str, Any]]: ...
 
 
 def topic(channel: str) -> str:
@@ -71,6 +79,10 @@ class Room:
         self._flush_timer: asyncio.TimerHandle | None = None
         self.last_viewers: int | None = None
         self.unsubscribe: Callable[[], None] | None = None
+        #: set while the shared history is being loaded: joiners wait for it
+        self.loading: asyncio.Future[None] | None = None
+        #: set while the room has no seats: it is forgotten when this fires
+        self.forget_timer: asyncio.TimerHandle | None = None
 
     @property
     def busy(self) -> bool:
@@ -170,12 +182,20 @@ class Room:
 
 
 class Rooms:
-    """The registry of this node's rooms."""
+    """The registry of this node's rooms.
 
-    def __init__(self, settings: ChatSettings, node: str, subscribe: Subscribe) -> None:
+    A room is held while it has seats, and ``linger_seconds`` after the last one leaves: still
+    subscribed, so its history stays current for the next joiner (a viewer reloading the page
+    gets what was said meanwhile). With a shared history (Redis), a room this node opens
+    starts from the history every node appends to.
+    """
+
+    def __init__(self, settings: ChatSettings, node: str, subscribe: Subscribe,
+                 shared: SharedHistory | None = None) -> None:
         self.settings = settings
         self.node = node
         self._subscribe = subscribe
+        self.shared = shared
         self.rooms: dict[str, Room] = {}
         #: moderation outlives a room's sockets on this node (a ban should stick)
         self.moderation: dict[str, Moderation] = {}
@@ -187,14 +207,42 @@ class Rooms:
             found = self.moderation[channel] = Moderation(self.settings)
         return found
 
-    def join(self, channel: str, seat: Seat, since: str | None = None) -> Room:
-        """Seat ``seat`` and send its history first, in one step (no await): nothing
-        delivered in between can be missed or repeated."""
+    def _room(self, channel: str) -> Room:
+        """The room, created and subscribed if this node does not hold it (seatless: it
+        lingers until someone joins)."""
         room = self.rooms.get(channel)
         if room is None:
             room = self.rooms[channel] = Room(channel, self.settings, self.moderation_for(channel))
             room.unsubscribe = self._subscribe(topic(channel), room.on_bus)
             metrics.ROOMS.inc()
+            self._linger(room)
+        return room
+
+    async def open(self, channel: str) -> Room:
+        """The room, with the shared history loaded when this node opens it. Subscribed before
+        loading: what arrives meanwhile is merged, so nothing falls between the two."""
+        room = self._room(channel)
+        if room.loading is not None:
+            await asyncio.shield(room.loading)
+        elif self.shared is not None and not room.history.loaded:
+            room.loading = asyncio.get_running_loop().create_future()
+            try:
+                room.history.merge(await self.shared.recent(channel))
+            finally:
+                room.history.loaded = True
+                room.loading.set_result(None)
+                room.loading = None
+                if not room.seats:  # nobody joined (the caller went away): linger again
+                    self._linger(room)
+        return room
+
+    def join(self, channel: str, seat: Seat, since: str | None = None) -> Room:
+        """Seat ``seat`` and send its history first, in one step (no await): nothing
+        delivered in between can be missed or repeated."""
+        room = self._room(channel)
+        if room.forget_timer is not None:
+            room.forget_timer.cancel()
+            room.forget_timer = None
         # pending events are in history already: flush them to the others first, so the
         # newcomer gets them once (in its history), not twice
         room.flush()
@@ -206,11 +254,32 @@ class Rooms:
         """Idempotent: a seat the room dropped as slow has left already (and is counted)."""
         room.remove(seat)
         if not room.seats and self.rooms.get(room.channel) is room:
-            del self.rooms[room.channel]
-            metrics.ROOMS.dec()
-            room.close()
-            if room.unsubscribe is not None:
-                room.unsubscribe()
+            if self.settings.linger_seconds <= 0:
+                self._forget(room)
+            else:
+                self._linger(room)
+
+    def said(self, channel: str, event: dict[str, Any]) -> None:
+        """A chat message this node accepted: into the shared history (the bus delivers it)."""
+        if self.shared is not None:
+            self.shared.append(channel, event)
+
+    def _linger(self, room: Room) -> None:
+        if room.forget_timer is None:
+            room.forget_timer = asyncio.get_running_loop().call_later(
+                self.settings.linger_seconds, self._forget, room)
+
+    def _forget(self, room: Room) -> None:
+        if room.forget_timer is not None:
+            room.forget_timer.cancel()
+            room.forget_timer = None
+        if room.seats or room.loading is not None or self.rooms.get(room.channel) is not room:
+            return
+        del self.rooms[room.channel]
+        metrics.ROOMS.dec()
+        room.close()
+        if room.unsubscribe is not None:
+            room.unsubscribe()
 
     def new_id(self) -> str:
         """Sortable by time: ``<ms>-<node>-<seq>``, zero-padded so string order is time order."""

@@ -16,4 +16,5 @@ class ChatSettings:
     batch_interval: float = 0.1  # seconds a busy room collects events into one frame
     busy_rate: float = 20.0  # events/s in a room from which sockets batch
     sample_rate: float = 100.0  # chat events/s per room past which delivery is sampled
+    linger_seconds: float = 300.0  # a room without sockets stays subscribed (history current)
     viewers_interval: float = 3.0  # seconds between viewer-count checks

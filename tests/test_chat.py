@@ -166,7 +166,7 @@ async def viewers() -> AsyncIterator[list[Viewer]]:
 
 async def test_room_samples_chat_keeps_full_history_and_writes_one_frame(viewers: list[Viewer]) -> None:
     bus = Bus()
-    rooms = Rooms(ChatSettings(sample_rate=10, busy_rate=1e9), "n1", bus.subscribe)
+    rooms = Rooms(ChatSettings(sample_rate=10, busy_rate=1e9, linger_seconds=0), "n1", bus.subscribe)
     viewers += [await Viewer.open(), await Viewer.open("u"), await Viewer.open("anchor")]
     room = None
     for viewer in viewers:
@@ -217,7 +217,8 @@ async def test_busy_room_batches_and_a_joiner_gets_each_event_once(viewers: list
     assert [e["text"] for e in first.events() if e["type"] == "chat"] == [str(i) for i in range(60)]
     history = second.frames[0]
     assert history["type"] == "history"
-    seen = [e["text"] for e in history["events"]] + [e["text"] for e in second.events() if e["type"] == "chat"]
+    seen = [e["text"] for e in history["events"]]
+    seen += [e["text"] for e in second.events() if e["type"] == "chat"]
     assert seen == [str(i) for i in range(60)]
     assert any(f["type"] == "batch" for f in first.frames), "a busy room batches"
     assert len(first.frames) < 30
@@ -244,3 +245,64 @@ async def test_a_slow_socket_is_dropped_and_the_room_goes_on(viewers: list[Viewe
     assert [e["id"] for e in good.events() if e["type"] == "gift"] == [str(i) for i in range(sent)]
     rooms.leave(room, slow.seat)  # the handler's own leave, after the drop: harmless
     assert list(room.seats) == [good.seat]
+
+
+async def test_an_empty_room_lingers_with_its_history_then_is_forgotten(viewers: list[Viewer]) -> None:
+    bus = Bus()
+    rooms = Rooms(ChatSettings(linger_seconds=0.3), "n1", bus.subscribe)
+    viewers += [await Viewer.open(), await Viewer.open()]
+    room = rooms.join("r", viewers[0].seat)
+    rooms.leave(room, viewers[0].seat)
+    # nobody is in the room, but it still hears the bus: the next joiner gets what was said
+    bus.handlers["room:r"](rooms.chat_event("u", "while empty"))
+    assert rooms.join("r", viewers[1].seat) is room
+    await viewers[1].read_until(lambda frames: frames and frames[0]["type"] == "history")
+    assert [e["text"] for e in viewers[1].frames[0]["events"]] == ["while empty"]
+    rooms.leave(room, viewers[1].seat)
+    async with asyncio.timeout(10):
+        while rooms.rooms:  # noqa: ASYNC110 - the linger timer is the room's own
+            await asyncio.sleep(0.05)
+    assert bus.handlers == {}
+
+
+class SlowSharedHistory:
+    """A shared history whose answer the test releases (the order of events is the point)."""
+
+    def __init__(self, events: list[dict[str, Any]]) -> None:
+        self.events = events
+        self.appended: list[tuple[str, dict[str, Any]]] = []
+        self.release = asyncio.Event()
+
+    def append(self, channel: str, event: dict[str, Any]) -> None:
+        self.appended.append((channel, event))
+
+    async def recent(self, channel: str) -> list[dict[str, Any]]:
+        await self.release.wait()
+        return self.events
+
+
+async def test_opening_a_room_merges_the_shared_history_with_what_arrives_meanwhile(
+        viewers: list[Viewer]) -> None:
+    bus = Bus()
+    older = [{"type": "chat", "id": f"0000000000001-a-{i:08d}", "user": "a", "text": f"old{i}"}
+             for i in range(3)]
+    both = {"type": "chat", "id": "9999999999999-a-00000001", "user": "a", "text": "arrived both ways"}
+    shared = SlowSharedHistory([*older, both])
+    rooms = Rooms(ChatSettings(linger_seconds=5), "n1", bus.subscribe, shared)
+    viewers.append(await Viewer.open())
+    first = asyncio.create_task(rooms.open("r"))
+    second = asyncio.create_task(rooms.open("r"))
+    await asyncio.sleep(0.05)
+    assert "room:r" in bus.handlers, "subscribed before loading"
+    # while the shared history loads, a message arrives over the bus (and is also in Redis)
+    bus.handlers["room:r"](dict(both))
+    assert not first.done() and not second.done()
+    shared.release.set()
+    room = await first
+    assert await second is room
+    assert rooms.join("r", viewers[0].seat) is room  # as the handler does: no await between
+    await viewers[0].read_until(lambda frames: frames and frames[0]["type"] == "history")
+    texts = [e["text"] for e in viewers[0].frames[0]["events"]]
+    assert texts == ["old0", "old1", "old2", "arrived both ways"]
+    rooms.said("r", {"id": "x"})
+    assert shared.appended == [("r", {"id": "x"})]

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
+from livesrv.room_history import history_key
 from tests.support.server import ServerProcess, free_port, get_json, post_json
 
 pytestmark = [pytest.mark.e2e, pytest.mark.redis]
@@ -93,6 +95,51 @@ async def test_viewer_count_is_the_sum_over_both_nodes(tmp_path: Path, redis_url
             for ws in on_a + on_b[2:]:
                 await viewer_count(ws, 3)
             for ws in on_a + on_b[2:]:
+                await ws.close()
+
+
+async def test_a_room_opened_on_another_node_starts_from_the_shared_history(
+        tmp_path: Path, redis_url: str) -> None:
+    config = tmp_path / "livesrv.toml"
+    config.write_text("[chat]\nrate = 100.0\nburst = 100\n")
+    channel = "room_" + uuid.uuid4().hex[:8]
+    a = ServerProcess(tmp_path / "a", redis=redis_url, node_id="hist-a", config=str(config))
+    b = ServerProcess(tmp_path / "b", redis=redis_url, node_id="hist-b", config=str(config))
+    with a, b:
+        status, body = post_json(a.url + "/api/auth/register",
+                                 {"username": "nina", "password": "pw-nina-12345"})
+        assert status == 201, body
+        async with aiohttp.ClientSession() as session:
+            # only node A holds the room while these are said
+            sender = await session.ws_connect(f"{a.url}/ws/rooms/{channel}", params={"token": body["token"]})
+            for i in range(5):
+                await sender.send_str(json.dumps({"type": "chat", "text": f"m{i}"}))
+            ids: dict[str, str] = {}
+            while len(ids) < 5:
+                msg = await asyncio.wait_for(sender.receive(), WAIT)
+                frame = json.loads(msg.data)
+                for event in frame["events"] if frame["type"] == "batch" else [frame]:
+                    if event["type"] == "chat":
+                        ids[event["text"]] = event["id"]
+            # the appends reach Redis in the background: wait until they have
+            redis = Redis.from_url(redis_url)
+            try:
+                async with asyncio.timeout(WAIT):
+                    while await redis.llen(history_key(channel)) < 5:  # noqa: ASYNC110
+                        await asyncio.sleep(0.05)
+            finally:
+                await redis.aclose()
+            # a viewer who saw m1 on node A reconnects to node B: exactly m2..m4
+            reader = await session.ws_connect(f"{b.url}/ws/rooms/{channel}", params={"since": ids["m1"]})
+            history = json.loads((await asyncio.wait_for(reader.receive(), WAIT)).data)
+            assert history["type"] == "history"
+            texts = [e["text"] for e in history["events"]]
+            assert texts == ["m2", "m3", "m4"]
+            # and a newcomer on node B gets all of it
+            fresh = await session.ws_connect(f"{b.url}/ws/rooms/{channel}")
+            history = json.loads((await asyncio.wait_for(fresh.receive(), WAIT)).data)
+            assert [e["text"] for e in history["events"]] == [f"m{i}" for i in range(5)]
+            for ws in (sender, reader, fresh):
                 await ws.close()
 
 

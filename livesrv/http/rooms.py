@@ -85,6 +85,7 @@ async def room_socket(request: web.Request) -> web.WebSocketResponse:
     # room frames are written straight to the transport, whole frames only, so they never
     # interleave with aiohttp's own (pong, close), which it also writes whole
     seat = Seat(transport, user.username if user is not None else None)
+    await rooms.open(channel)  # loads the shared history when this node opens the room
     room = rooms.join(channel, seat, since=request.query.get("since") or None)
     _add_viewer(app, channel, +1)
     try:
@@ -124,7 +125,9 @@ async def _on_text(rooms: Rooms, publish: Callable[[str, dict[str, Any]], Awaita
     if refusal is not None:
         return _error(*refusal)
     metrics.MESSAGES_IN.inc()
-    await publish(topic(room.channel), rooms.chat_event(user.username, text))
+    event = rooms.chat_event(user.username, text)
+    await publish(topic(room.channel), event)
+    rooms.said(room.channel, event)
     return None
 
 
@@ -187,7 +190,15 @@ async def _rooms_lifetime(app: web.Application) -> AsyncIterator[None]:
     def subscribe(name: str, handler: Callable[[dict[str, Any]], None]) -> Callable[[], None]:
         return bus.subscribe(name, lambda message: handler(message.data))
 
-    rooms = app[ROOMS] = Rooms(app[SETTINGS].section("chat", ChatSettings), app[NODE_ID], subscribe)
+    settings = app[SETTINGS]
+    chat_settings = settings.section("chat", ChatSettings)
+    shared = None
+    if settings.redis:  # a cluster: every node appends to, and opens rooms from, one history
+        from ..room_history import RedisRoomHistory
+
+        shared = RedisRoomHistory(settings.redis, chat_settings.history)
+        shared.start()
+    rooms = app[ROOMS] = Rooms(chat_settings, app[NODE_ID], subscribe, shared)
     store = app[MODERATION_STORE] = ModerationStore(app[DB])
     await store.migrate()
     for channel, event in await store.load():
@@ -197,6 +208,8 @@ async def _rooms_lifetime(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    if shared is not None:
+        await shared.close()
 
 
 async def _close_sockets(app: web.Application) -> None:
