@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 
 SOCKETS = Gauge("livesrv_chat_sockets", "Room WebSockets open on this node")
 ROOMS = Gauge("livesrv_chat_rooms",
@@ -14,3 +14,6 @@ BYTES_OUT = Counter("livesrv_chat_bytes_out_total", "Bytes of room frames writte
 SHED = Counter("livesrv_chat_shed_total", "Chat events not delivered because a room was past its rate")
 REJECTED = Counter("livesrv_chat_rejected_total", "Chat messages refused, by reason", ["reason"])
 DROPPED_SOCKETS = Counter("livesrv_chat_dropped_sockets_total", "Sockets closed for being too slow")
+FLUSH_SECONDS = Histogram("livesrv_chat_flush_seconds",
+                          "One room frame written to all of the room's sockets on this node",
+                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))

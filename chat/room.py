@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from . import metrics
-from .fanout import Seat, batch_text, write_all
+from .fanout import Seat, Writer, batch_text, write_all
 from .history import History
 from .moderation import Moderation
 from .settings import ChatSettings
@@ -63,9 +64,11 @@ class RateMeter:
 class Room:
     """One room on this node: its seats, history, sampler and the pending frame."""
 
-    def __init__(self, channel: str, settings: ChatSettings, moderation: Moderation) -> None:
+    def __init__(self, channel: str, settings: ChatSettings, moderation: Moderation,
+                 writer: Writer | None = None) -> None:
         self.channel = channel
         self.settings = settings
+        self.writer = writer
         self.moderation = moderation
         self.history = History(settings.history)
         #: insertion-ordered, O(1) removal; iterated once per flush
@@ -76,17 +79,18 @@ class Room:
         self.shed = 0
         self._credit = 0.0  # the sampler's accumulator: keeps limit/rate of the chat events
         self._pending: list[str] = []  # encoded events waiting for the next flush
+        #: authors' own copies of their shed messages: (index into _pending, text)
+        self._own: dict[Seat, list[tuple[int, str]]] = {}
+        #: newcomers since the last flush: how many pending events their history covered
+        self._skip: dict[Seat, int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
         self.last_viewers: int | None = None
         self.unsubscribe: Callable[[], None] | None = None
         #: set while the shared history is being loaded: joiners wait for it
         self.loading: asyncio.Future[None] | None = None
         #: set while the room has no seats: it is forgotten when this fires
         self.forget_timer: asyncio.TimerHandle | None = None
-
-    @property
-    def busy(self) -> bool:
-        return self.meter.rate >= self.settings.busy_rate
 
     def on_bus(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -114,45 +118,83 @@ class Room:
         return True
 
     def _deliver_to_author(self, event: dict[str, Any]) -> None:
-        """Whoever sent a shed message still sees it (as danmaku apps do); nobody else does."""
+        """Whoever sent a shed message still sees it (as danmaku apps do); nobody else does.
+
+        It goes into the author's own copy of the next frame, at its place among the room's
+        events (ids stay in order: a resume relies on them), instead of costing a flush."""
         seats = self.own_seats.get(event.get("user", ""))
         if not seats:
             return
-        self.flush()  # what was pending came first: keep the order (resumes rely on ids)
-        text = _encode(event)
+        entry = (len(self._pending), _encode(event))
         for seat in seats:
-            seat.send(text)
+            self._own.setdefault(seat, []).append(entry)
+        self._schedule()
 
     def deliver(self, event: dict[str, Any]) -> None:
-        """Encode once; a quiet room flushes at once, a busy one within ``batch_interval``."""
-        if event.get("type") != "chat":
-            self.meter.tick()
+        """Encode once, into the next frame."""
         self._pending.append(_encode(event))
-        if not self.busy:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        """At most one frame per ``batch_interval``: an event in a quiet room goes out at once;
+        in a busy room the events of the interval share the next frame. (Batching is decided
+        by time, not by a measured rate: a flush to many sockets takes long enough that a rate
+        measured on flushed events would never look busy.)"""
+        if self._flush_timer is not None:
+            return
+        wait = self._last_flush + self.settings.batch_interval - time.monotonic()
+        if wait <= 0:
             self.flush()
-        elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(
-                self.settings.batch_interval, self.flush)
+        else:
+            self._flush_timer = asyncio.get_running_loop().call_later(wait, self.flush)
 
     def flush(self) -> None:
         """The pending events as one frame, built once, written to every seat."""
         if self._flush_timer is not None:
             self._flush_timer.cancel()
             self._flush_timer = None
-        if not self._pending:
+        if not self._pending and not self._own:
+            self._skip.clear()
             return
+        self._last_flush = started = time.monotonic()
         events, self._pending = self._pending, []
-        frame = text_frame(batch_text(events).encode())
-        # a snapshot: a write never calls back into the room, but a drop below changes seats
-        seats = tuple(self.seats)
-        slow = write_all(seats, frame, self.settings.send_buffer)
-        for seat in slow:
-            seat.drop(f"{seat.transport.get_write_buffer_size()} bytes unsent")
-            self.remove(seat)
-        reached = len(seats) - len(slow)
-        metrics.FRAMES_OUT.inc(reached)
-        metrics.BYTES_OUT.inc(reached * len(frame))
-        metrics.MESSAGES_OUT.inc(reached * len(events))
+        own, self._own = self._own, {}
+        skip, self._skip = self._skip, {}
+        seats: tuple[Seat, ...] | list[Seat] = tuple(self.seats)  # a drop below changes seats
+        if own or skip:  # the few seats with a frame of their own (below) are left out here
+            seats = [seat for seat in seats if seat not in own and seat not in skip]
+        if events:
+            frame = text_frame(batch_text(events).encode())
+            if self.writer is not None:
+                slow = self.writer.write_all(seats, frame, self.settings.send_buffer)
+            else:
+                slow = write_all(seats, frame, self.settings.send_buffer)
+            for seat in slow:
+                seat.drop(f"{seat.transport.get_write_buffer_size()} bytes unsent")
+                self.remove(seat)
+            reached = len(seats) - len(slow)
+            metrics.FRAMES_OUT.inc(reached)
+            metrics.BYTES_OUT.inc(reached * len(frame))
+            metrics.MESSAGES_OUT.inc(reached * len(events))
+            metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+        for seat in own.keys() | skip.keys():
+            if seat not in self.seats:
+                continue
+            first = skip.get(seat, 0)
+            merged = events[first:]
+            for index, text in reversed(own.get(seat, ())):  # from the back: indexes stay valid
+                merged.insert(index - first, text)
+            if merged:
+                seat.send(batch_text(merged))
+                metrics.FRAMES_OUT.inc()
+                metrics.MESSAGES_OUT.inc(len(merged))
+
+    def seat_newcomer(self, seat: Seat) -> None:
+        """Seat someone who was just sent the history: the events pending now are in it (or
+        happened before they came), so their first frame starts after them."""
+        if self._pending:
+            self._skip[seat] = len(self._pending)
+        self.add(seat)
 
     def add(self, seat: Seat) -> None:
         self.seats[seat] = None
@@ -179,6 +221,8 @@ class Room:
             self._flush_timer.cancel()
             self._flush_timer = None
         self._pending.clear()
+        self._own.clear()
+        self._skip.clear()
 
 
 class Rooms:
@@ -196,6 +240,8 @@ class Rooms:
         self.node = node
         self._subscribe = subscribe
         self.shared = shared
+        self.writer = Writer(settings.fanout_threads or min(4, os.cpu_count() or 1),
+                             settings.fanout_threshold)
         self.rooms: dict[str, Room] = {}
         #: moderation outlives a room's sockets on this node (a ban should stick)
         self.moderation: dict[str, Moderation] = {}
@@ -212,7 +258,8 @@ class Rooms:
         lingers until someone joins)."""
         room = self.rooms.get(channel)
         if room is None:
-            room = self.rooms[channel] = Room(channel, self.settings, self.moderation_for(channel))
+            room = self.rooms[channel] = Room(channel, self.settings, self.moderation_for(channel),
+                                              self.writer)
             room.unsubscribe = self._subscribe(topic(channel), room.on_bus)
             metrics.ROOMS.inc()
             self._linger(room)
@@ -243,11 +290,8 @@ class Rooms:
         if room.forget_timer is not None:
             room.forget_timer.cancel()
             room.forget_timer = None
-        # pending events are in history already: flush them to the others first, so the
-        # newcomer gets them once (in its history), not twice
-        room.flush()
         seat.send(_encode({"type": "history", "events": room.history.since(since)}))
-        room.add(seat)
+        room.seat_newcomer(seat)  # the pending chat is in that history: not sent to it again
         return room
 
     def leave(self, room: Room, seat: Seat) -> None:
@@ -258,6 +302,11 @@ class Rooms:
                 self._forget(room)
             else:
                 self._linger(room)
+
+    def close(self) -> None:
+        for room in self.rooms.values():
+            room.close()
+        self.writer.close()
 
     def said(self, channel: str, event: dict[str, Any]) -> None:
         """A chat message this node accepted: into the shared history (the bus delivers it)."""

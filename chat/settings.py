@@ -13,8 +13,9 @@ class ChatSettings:
     banned_words: list[str] = field(default_factory=list)  # case-insensitive substrings
     history: int = 100  # chat messages kept per room for joiners and resumes
     send_buffer: int = 256 * 1024  # bytes a socket may leave unsent before it is dropped as too slow
-    batch_interval: float = 0.1  # seconds a busy room collects events into one frame
-    busy_rate: float = 20.0  # events/s in a room from which sockets batch
+    batch_interval: float = 0.1  # at most one frame per room per this many seconds
+    fanout_threads: int = 0  # threads writing a big room's frames (0: up to 4, one per core)
+    fanout_threshold: int = 2000  # sockets in a room from which its frames are written on threads
     sample_rate: float = 100.0  # chat events/s per room past which delivery is sampled
     linger_seconds: float = 300.0  # a room without sockets stays subscribed (history current)
     viewers_interval: float = 3.0  # seconds between viewer-count checks

@@ -156,6 +156,14 @@ class Bus:
         return lambda: self.handlers.pop(topic)
 
 
+@pytest.fixture(params=["inline", "threads"])
+def fanout(request: pytest.FixtureRequest) -> dict[str, int]:
+    """Frames written by the event loop's thread, or on threads (a big room's path), the same."""
+    if request.param == "inline":
+        return {"fanout_threads": 1}
+    return {"fanout_threads": 3, "fanout_threshold": 1}
+
+
 @pytest.fixture
 async def viewers() -> AsyncIterator[list[Viewer]]:
     opened: list[Viewer] = []
@@ -164,9 +172,10 @@ async def viewers() -> AsyncIterator[list[Viewer]]:
         viewer.close()
 
 
-async def test_room_samples_chat_keeps_full_history_and_writes_one_frame(viewers: list[Viewer]) -> None:
+async def test_room_samples_chat_keeps_full_history_and_writes_one_frame(
+        viewers: list[Viewer], fanout: dict[str, int]) -> None:
     bus = Bus()
-    rooms = Rooms(ChatSettings(sample_rate=10, busy_rate=1e9, linger_seconds=0), "n1", bus.subscribe)
+    rooms = Rooms(ChatSettings(sample_rate=10, linger_seconds=0, **fanout), "n1", bus.subscribe)
     viewers += [await Viewer.open(), await Viewer.open("u"), await Viewer.open("anchor")]
     room = None
     for viewer in viewers:
@@ -197,16 +206,15 @@ async def test_room_samples_chat_keeps_full_history_and_writes_one_frame(viewers
     assert bus.handlers == {} and rooms.rooms == {}
 
 
-async def test_busy_room_batches_and_a_joiner_gets_each_event_once(viewers: list[Viewer]) -> None:
+async def test_busy_room_batches_and_a_joiner_gets_each_event_once(
+        viewers: list[Viewer], fanout: dict[str, int]) -> None:
     bus = Bus()
-    rooms = Rooms(ChatSettings(busy_rate=5, batch_interval=0.05, sample_rate=1e9), "n1", bus.subscribe)
-    viewers.append(await Viewer.open())
+    rooms = Rooms(ChatSettings(batch_interval=0.05, sample_rate=1e9, **fanout), "n1", bus.subscribe)
+    viewers += [await Viewer.open(), await Viewer.open()]
     room = rooms.join("r", viewers[0].seat)
-    for i in range(30):
+    for i in range(30):  # the first goes out at once, the rest waits for the next frame
         bus.handlers["room:r"](rooms.chat_event("u", str(i)))
-    assert room.busy
     # a joiner while events are pending: they are in its history, and not sent to it again
-    viewers.append(await Viewer.open())
     rooms.join("r", viewers[1].seat)
     for i in range(30, 60):
         bus.handlers["room:r"](rooms.chat_event("u", str(i)))
@@ -224,9 +232,10 @@ async def test_busy_room_batches_and_a_joiner_gets_each_event_once(viewers: list
     assert len(first.frames) < 30
 
 
-async def test_a_slow_socket_is_dropped_and_the_room_goes_on(viewers: list[Viewer]) -> None:
+async def test_a_slow_socket_is_dropped_and_the_room_goes_on(
+        viewers: list[Viewer], fanout: dict[str, int]) -> None:
     bus = Bus()
-    rooms = Rooms(ChatSettings(busy_rate=1e9, send_buffer=64 * 1024), "n1", bus.subscribe)
+    rooms = Rooms(ChatSettings(batch_interval=0, send_buffer=64 * 1024, **fanout), "n1", bus.subscribe)
     good, slow = await Viewer.open(), await Viewer.open(rcvbuf=4096)
     viewers += [good, slow]
     room = rooms.join("r", good.seat)
@@ -306,3 +315,25 @@ async def test_opening_a_room_merges_the_shared_history_with_what_arrives_meanwh
     assert texts == ["old0", "old1", "old2", "arrived both ways"]
     rooms.said("r", {"id": "x"})
     assert shared.appended == [("r", {"id": "x"})]
+
+
+async def test_frames_the_kernel_takes_in_part_arrive_whole_and_in_order(viewers: list[Viewer]) -> None:
+    """Small socket buffers: direct writes from the threads come up short, the transport sends
+    the rest, and the next frames queue behind it."""
+    bus = Bus()
+    rooms = Rooms(ChatSettings(batch_interval=0, fanout_threads=3, fanout_threshold=1,
+                               send_buffer=1 << 24), "n1", bus.subscribe)
+    viewers += [await Viewer.open(rcvbuf=4096) for _ in range(6)]
+    room = None
+    for viewer in viewers:
+        room = rooms.join("r", viewer.seat)
+    assert room is not None
+    payload = "y" * 50_000  # more than the kernel takes at once
+    for i in range(20):
+        room.deliver({"type": "gift", "id": str(i), "gift": payload})
+    room.deliver({"type": "viewers", "count": 6, "id": "end"})
+    for viewer in viewers:
+        await viewer.read_until(ends)
+        assert [e["id"] for e in viewer.events() if e["type"] == "gift"] == [str(i) for i in range(20)]
+        assert all(e["gift"] == payload for e in viewer.events() if e["type"] == "gift")
+    rooms.close()

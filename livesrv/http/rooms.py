@@ -208,6 +208,7 @@ async def _rooms_lifetime(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+    rooms.close()
     if shared is not None:
         await shared.close()
 
