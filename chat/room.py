@@ -84,7 +84,7 @@ class Room:
         #: newcomers since the last flush: how many pending events their history covered
         self._skip: dict[Seat, int] = {}
         self._flush_timer: asyncio.TimerHandle | None = None
-        self._last_flush = 0.0
+        self._next_flush = 0.0  # the monotonic time from which the next frame may go
         self.last_viewers: int | None = None
         self.unsubscribe: Callable[[], None] | None = None
         #: set while the shared history is being loaded: joiners wait for it
@@ -142,7 +142,7 @@ class Room:
         measured on flushed events would never look busy.)"""
         if self._flush_timer is not None:
             return
-        wait = self._last_flush + self.settings.batch_interval - time.monotonic()
+        wait = self._next_flush - time.monotonic()
         if wait <= 0:
             self.flush()
         else:
@@ -156,7 +156,8 @@ class Room:
         if not self._pending and not self._own:
             self._skip.clear()
             return
-        self._last_flush = started = time.monotonic()
+        started = time.monotonic()
+        self._next_flush = started + self.settings.batch_interval
         events, self._pending = self._pending, []
         own, self._own = self._own, {}
         skip, self._skip = self._skip, {}
@@ -176,7 +177,12 @@ class Room:
             metrics.FRAMES_OUT.inc(reached)
             metrics.BYTES_OUT.inc(reached * len(frame))
             metrics.MESSAGES_OUT.inc(reached * len(events))
-            metrics.FLUSH_SECONDS.observe(time.monotonic() - started)
+            ended = time.monotonic()
+            metrics.FLUSH_SECONDS.observe(ended - started)
+            # The loop is blocked while a frame is written: leave it at least as long again for
+            # everything else (reading chat, other rooms), so a room too big for this node's
+            # cores gets fewer, fuller frames instead of a backlog.
+            self._next_flush = max(self._next_flush, ended + (ended - started))
         for seat in own.keys() | skip.keys():
             if seat not in self.seats:
                 continue
