@@ -32,9 +32,12 @@ async def make_client(tmp_path: Path, **chat: Any) -> TestClient:
     return client
 
 
-@pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[TestClient]:
-    client = await make_client(tmp_path, banned_words=["spoiler"], rate=0.001, burst=4)
+@pytest.fixture(params=["inline", "threads"])
+async def client(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[TestClient]:
+    """The app; "threads" sends every room's frames the way a big room's go (on threads,
+    straight to aiohttp's sockets)."""
+    fanout = {"fanout_threads": 2, "fanout_threshold": 1} if request.param == "threads" else {}
+    client = await make_client(tmp_path, banned_words=["spoiler"], rate=0.001, burst=4, **fanout)
     yield client
     await client.close()
 
