@@ -256,6 +256,18 @@ class _PgExecutor(Executor):
             raise DatabaseError(str(exc)) from exc
 
 
+async def _reset_connection(conn: Any) -> None:
+    """What a connection going back to the pool needs here: no open transaction.
+
+    asyncpg's default reset (advisory unlock, CLOSE ALL, UNLISTEN, RESET ALL) is one more round
+    trip per statement run on the pool, about a third of a small request's time on PostgreSQL
+    (gift benchmark: 1,336 → 2,059/s without it). Nothing here uses session state: the
+    search_path comes with the connection's server_settings, isolation is set per transaction.
+    """
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class PostgresDatabase(Database):
     dialect = "postgresql"
 
@@ -280,7 +292,7 @@ class PostgresDatabase(Database):
             server_settings["search_path"] = schema
         try:
             pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size,
-                                             server_settings=server_settings)
+                                             server_settings=server_settings, reset=_reset_connection)
             if schema:
                 async with pool.acquire() as conn:
                     await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
