@@ -184,7 +184,12 @@ class RoomChat {
         }
         break;
       case "gift":
-        if (this.isNew(message.id)) out.append(this.giftItem(message));
+        if (this.isNew(message.id)) {
+          out.append(this.giftItem(message));
+          // the hook for gifts.js (animations, leaderboard): one socket serves both; `live` is
+          // false for replayed history, which is listed but not animated
+          document.dispatchEvent(new CustomEvent("livesrv:gift", { detail: { event: message, live } }));
+        }
         break;
       case "viewers":
         this.showViewers(message.count);
@@ -216,7 +221,8 @@ class RoomChat {
   }
 
   giftItem(message) {
-    const gift = message.gift && typeof message.gift === "object" ? message.gift.name ?? message.gift.id : message.gift;
+    const gift = message.name ??
+      (message.gift && typeof message.gift === "object" ? message.gift.name ?? message.gift.id : message.gift);
     const count = Number(message.count) || 1;
     return el("li", { class: "chat-item chat-gift", dataset: { id: String(message.id ?? "") } },
       el("span", { class: "chat-user" }, String(message.user ?? "")),

@@ -41,6 +41,8 @@ export const room = {
   viewers: null,
   /** The chat (chat.js), once started. */
   chat: null,
+  /** Coins, gifts and the leaderboard (gifts.js), once started. */
+  gifts: null,
 };
 
 let liveSince = null; // started_at of the publication being played
@@ -130,4 +132,12 @@ try {
 } catch (err) {
   console.warn("livesrv: chat could not start", err);
 }
+// gifts load as a separate module, so one that fails to load or start cannot take the player
+// and the chat down with it
+import("./gifts.js")
+  .then((gifts) => {
+    room.gifts = gifts.startGifts(room);
+    window.livesrvGifts = room.gifts;
+  })
+  .catch((err) => console.warn("livesrv: gifts could not start", err));
 document.dispatchEvent(new CustomEvent("livesrv:room", { detail: room }));
