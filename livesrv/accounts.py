@@ -146,11 +146,19 @@ def check_password(password: str) -> str:
 _USER_COLUMNS = "id, username, display_name, stream_key, title, is_admin, created_at"
 
 
+#: how long this node trusts a session lookup: every API call of a logged-in user looks its
+#: token up, and a gift or a chat line should not pay a store round trip for it. A logout or a
+#: profile change on this node takes effect at once; on another node within this time.
+SESSION_CACHE_SECONDS = 2.0
+SESSION_CACHE_MAX = 50_000
+
+
 class Accounts:
     def __init__(self, db: Database) -> None:
         self.db = db
         # argon2id with the library's defaults (RFC 9106's second recommendation)
         self._hasher = PasswordHasher()
+        self._sessions: dict[str, tuple[float, User]] = {}  # token hash -> (valid until, user)
 
     async def migrate(self) -> None:
         await self.db.migrate("accounts", MIGRATIONS)
@@ -213,14 +221,34 @@ class Accounts:
     async def user_for_token(self, token: str) -> User | None:
         if not token or len(token) > 200:
             return None
+        token_hash = hash_token(token)
+        now = time.monotonic()
+        cached = self._sessions.get(token_hash)
+        if cached is not None and cached[0] > now:
+            return cached[1]
         row = await self.db.fetchone(
             f"SELECT {', '.join('u.' + c for c in _USER_COLUMNS.split(', '))} FROM sessions s"
             " JOIN users u ON u.id = s.user_id WHERE s.token_hash = ? AND s.expires_at > ?",
-            hash_token(token), time.time())
-        return None if row is None else _user(row)
+            token_hash, time.time())
+        if row is None:
+            self._sessions.pop(token_hash, None)
+            return None
+        user = _user(row)
+        if len(self._sessions) >= SESSION_CACHE_MAX:
+            self._sessions.clear()  # crude but bounded: entries live two seconds anyway
+        self._sessions[token_hash] = (now + SESSION_CACHE_SECONDS, user)
+        return user
 
     async def end_session(self, token: str) -> None:
-        await self.db.execute("DELETE FROM sessions WHERE token_hash = ?", hash_token(token))
+        token_hash = hash_token(token)
+        self._sessions.pop(token_hash, None)
+        await self.db.execute("DELETE FROM sessions WHERE token_hash = ?", token_hash)
+
+    def _forget_user(self, user_id: int) -> None:
+        """Cached sessions of ``user_id`` are stale (their profile or key changed)."""
+        for token_hash, (_, user) in list(self._sessions.items()):
+            if user.id == user_id:
+                del self._sessions[token_hash]
 
     async def get(self, username: str) -> User | None:
         row = await self.db.fetchone(f"SELECT {_USER_COLUMNS} FROM users WHERE username = ?",
@@ -244,6 +272,7 @@ class Accounts:
     async def rotate_stream_key(self, user: User) -> str:
         key = new_stream_key()
         await self.db.execute("UPDATE users SET stream_key = ? WHERE id = ?", key, user.id)
+        self._forget_user(user.id)
         log.info("user %s rotated their stream key", user.username)
         return key
 
@@ -258,6 +287,7 @@ class Accounts:
                 raise AccountError("display_name must be 1-40 characters")
             await self.db.execute("UPDATE users SET display_name = ? WHERE id = ?",
                                   display_name.strip(), user.id)
+        self._forget_user(user.id)
         updated = await self.get_by_id(user.id)
         assert updated is not None
         return updated

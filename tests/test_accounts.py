@@ -60,6 +60,34 @@ async def test_users_passwords_sessions_and_stream_keys(db) -> None:
     assert password and await accounts.authenticate("carol", password) == generated_user
 
 
+async def test_session_lookups_are_cached_briefly_and_dropped_on_change(db) -> None:
+    accounts = Accounts(db)
+    await accounts.migrate()
+    user, _ = await accounts.create_user("dave_1", "s3cret-pass")
+    token = await accounts.create_session(user)
+    assert await accounts.user_for_token(token) == user
+    # the lookup is served from the cache: the row is gone, the user still answers ...
+    await db.execute("DELETE FROM sessions WHERE token_hash = ?", hash_token(token))
+    assert await accounts.user_for_token(token) == user
+    # ... only for SESSION_CACHE_SECONDS (another node's logout takes at most that long)
+    accounts._sessions[hash_token(token)] = (0.0, user)
+    assert await accounts.user_for_token(token) is None
+
+    # a change of the user on this node is seen at once
+    token = await accounts.create_session(user)
+    before = await accounts.user_for_token(token)
+    assert before is not None
+    key = await accounts.rotate_stream_key(before)
+    after = await accounts.user_for_token(token)
+    assert after is not None and after.stream_key == key
+    renamed = await accounts.update_profile(after, title="tonight: chess")
+    cached = await accounts.user_for_token(token)
+    assert cached is not None and cached.title == renamed.title == "tonight: chess"
+    # a logout on this node is seen at once
+    await accounts.end_session(token)
+    assert await accounts.user_for_token(token) is None
+
+
 @pytest.fixture
 async def client(tmp_path: Path):
     settings = load_settings(env={}, data_dir=str(tmp_path), http="127.0.0.1:8080",
