@@ -11,7 +11,7 @@
 // Everything degrades: a server without the wallet API (404 on /api/gifts) leaves the panel and
 // the leaderboard tab hidden; a guest sees gifts fly and the leaderboard, and a login link
 // where the send button would be. User strings reach the DOM as text only (ui.js el()).
-import { ApiError } from "./api.js";
+import { ApiError, request } from "./api.js";
 import { $, compactCount, el, initial } from "./ui.js";
 
 /** The count selector's choices (the server accepts 1..999). */
@@ -51,33 +51,9 @@ export function startGifts(room) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The API, with the ApiError of api.js (status 0: the server was not reached)
+// The API: api.js's request (ApiError with status 0 when the server was not reached)
 
-async function call(method, path, body) {
-  const init = { method, credentials: "same-origin", headers: { Accept: "application/json" } };
-  if (body !== undefined) {
-    init.headers["Content-Type"] = "application/json";
-    init.body = JSON.stringify(body);
-  }
-  let response;
-  try {
-    response = await fetch(path, init);
-  } catch {
-    throw new ApiError(0, "Cannot reach the server. Check your connection.", null);
-  }
-  let data = null;
-  try {
-    data = await response.json();
-  } catch {
-    data = null;
-  }
-  if (!response.ok) {
-    const message = (data && typeof data.error === "string" && data.error) ||
-      `The server answered ${response.status} ${response.statusText}`.trim();
-    throw new ApiError(response.status, message, data);
-  }
-  return data;
-}
+const call = request;
 
 /** fn() again on errors where the request may or may not have landed; fn must reuse its key. */
 async function withRetry(fn) {
