@@ -6,16 +6,16 @@ from __future__ import annotations
 import av
 import pytest
 
-from livesrv.codecs import CodecConfigError, avcc_parameter_sets, parse_h264_sps
-from livesrv.media import Packet, Track
-from tests.support.media import make_clip
-from transcode.annexb import (
+from livesrv.annexb import (
     annexb_to_avcc,
     avcc_record_to_annexb,
     avcc_to_annexb,
     build_avcc_record,
     split_annexb,
 )
+from livesrv.codecs import CodecConfigError, avcc_parameter_sets, parse_h264_sps
+from livesrv.media import Packet, Track
+from tests.support.media import make_clip
 from transcode.decoders import DecoderError, create_decoder
 from transcode.ladder_governor import Drop, Governor, GovernorSettings, Restore
 from transcode.ladder_worker import Inbox

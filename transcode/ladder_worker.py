@@ -18,9 +18,9 @@ from av.video.frame import PictureType
 from av.video.reformatter import VideoReformatter
 from prometheus_client import Counter, Gauge
 
+from livesrv.annexb import annexb_to_avcc, build_avcc_record
 from livesrv.media import Packet, StreamInfo, Track
 
-from .annexb import annexb_to_avcc, build_avcc_record
 from .decoders import DecoderError, create_decoder
 from .ladder_governor import Drop, Governor, Restore
 from .ladder_settings import SCALERS, LadderSettings, RungPlan
