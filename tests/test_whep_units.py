@@ -1,0 +1,139 @@
+"""WHEP's pure parts: H.264 RTP packetization (checked against aiortc's depacketizer), the
+profile chosen from an offer, offer validation, public-address candidates."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc.codecs.h264 import h264_depayload
+
+from livesrv.annexb import START_CODE
+from transcode.webrtc import h264_capability
+from transcode.webrtc_rtp import (
+    NAL_FU_A,
+    NAL_STAP_A,
+    access_unit_nals,
+    packetize,
+    parse_profile_level_id,
+    profile_name,
+)
+from transcode.webrtc_sdp import OfferError, add_public_candidates, choose_h264, parse_offer
+
+SPS = bytes((0x67, 0x64, 0x00, 0x1F)) + bytes(range(1, 12))
+PPS = bytes((0x68, 0xEE, 0x3C, 0x80))
+
+
+def avcc(*nals: bytes) -> bytes:
+    return b"".join(len(n).to_bytes(4, "big") + n for n in nals)
+
+
+def depacketize(payloads: list[bytes]) -> bytes:
+    return b"".join(h264_depayload(p) for p in payloads)
+
+
+def test_keyframes_get_parameter_sets_and_lose_delimiters() -> None:
+    idr = bytes((0x65,)) + bytes(3000)
+    aud = bytes((0x09, 0xF0))
+    stale_sps = bytes((0x67, 0x42, 0, 0x1E))
+    nals = access_unit_nals(avcc(aud, stale_sps, idr), True, [SPS, PPS])
+    assert nals == [SPS, PPS, idr]
+    p_frame = bytes((0x41,)) + bytes(500)
+    assert access_unit_nals(avcc(aud, p_frame), False, [SPS, PPS]) == [p_frame]
+
+
+@pytest.mark.parametrize("size", [1, 100, 1199, 1200, 1201, 5000, 20000])
+def test_packetize_round_trips_through_aiortc(size: int) -> None:
+    big = bytes((0x65,)) + bytes((i * 7) & 0xFF for i in range(size))
+    nals = [SPS, PPS, big]
+    payloads = packetize(nals, max_payload=1200)
+    assert all(len(p) <= 1200 for p in payloads)
+    assert depacketize(payloads) == b"".join(START_CODE + n for n in nals)
+    assert payloads[0][0] & 0x1F == NAL_STAP_A  # SPS+PPS travel as one aggregation packet
+    if len(big) > 1200:
+        assert {p[0] & 0x1F for p in payloads[1:]} == {NAL_FU_A}
+
+
+def test_profiles() -> None:
+    assert profile_name(0x42, 0xC0) == "constrained-baseline"
+    assert profile_name(0x42, 0x00) == "baseline"
+    assert profile_name(0x4D, 0x40) == "main"
+    assert profile_name(0x64, 0x00) == "high"
+    assert profile_name(0x64, 0x0C) == "constrained-high"
+    assert parse_profile_level_id("640c1f") == ("constrained-high", 31)
+    assert profile_name(0x7A, 0) is None  # High 4:2:2: no browser decodes it
+
+
+def _offer_sdp(profiles: tuple[str, ...], *, audio: bool = True) -> str:
+    async def make() -> str:
+        for profile in profiles:
+            h264_capability(profile)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            pc.addTransceiver("audio", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())  # with its host candidates
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+def _with_only(sdp: str, keep: set[str]) -> str:
+    """The offer with H.264 formats of other profile-level-ids removed from the video m-line."""
+    lines = sdp.splitlines()
+    drop = set()
+    for line in lines:
+        if line.startswith("a=fmtp:") and "profile-level-id=" in line:
+            pt, _, params = line[7:].partition(" ")
+            if params.split("profile-level-id=")[1][:6] not in keep:
+                drop.add(pt)
+    out = []
+    for line in lines:
+        if line.startswith("m=video"):
+            parts = line.split(" ")
+            line = " ".join(parts[:3] + [p for p in parts[3:] if p not in drop])
+        elif any(line.startswith(f"a={kind}:{pt} ") for pt in drop for kind in ("rtpmap", "fmtp", "rtcp-fb")):
+            continue
+        out.append(line)
+    return "\r\n".join(out) + "\r\n"
+
+
+def test_choose_h264_takes_the_narrowest_offered_decoder_of_the_streams_profile() -> None:
+    sdp = _offer_sdp(("main", "high"))
+    offer = parse_offer(sdp)
+    assert choose_h264(offer, "42c01f") == "constrained-baseline"
+    assert choose_h264(offer, "4d401f") == "main"
+    assert choose_h264(offer, "640028") == "high"
+    only_baselines = parse_offer(_with_only(sdp, {"42001f", "42e01f"}))
+    assert choose_h264(only_baselines, "42c01f") == "constrained-baseline"
+    with pytest.raises(OfferError) as refused:
+        choose_h264(only_baselines, "640028")
+    assert refused.value.status == 415 and "high" in refused.value.reason
+
+
+@pytest.mark.parametrize(("text", "status", "words"), [
+    ("", 400, "empty"),
+    ("hello", 400, "malformed"),
+    ("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n", 400, "no media"),
+])
+def test_bad_offers(text: str, status: int, words: str) -> None:
+    with pytest.raises(OfferError) as error:
+        parse_offer(text)
+    assert error.value.status == status and words in error.value.reason
+
+
+def test_offer_without_ice_credentials_is_malformed() -> None:
+    sdp = "\r\n".join(line for line in _offer_sdp(()).splitlines() if not line.startswith("a=ice-pwd"))
+    with pytest.raises(OfferError, match="ice-ufrag/ice-pwd"):
+        parse_offer(sdp + "\r\n")
+
+
+def test_public_candidates_copy_host_candidates() -> None:
+    sdp = _offer_sdp(())
+    assert "a=candidate:" in sdp
+    edited = add_public_candidates(sdp, "203.0.113.7")
+    assert " 203.0.113.7 " in edited
+    assert edited.count("a=candidate:") > sdp.count("a=candidate:")
