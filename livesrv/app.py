@@ -106,7 +106,7 @@ def _setup_areas(app: web.Application) -> None:
     import importlib
 
     # TODO(lead): import these directly once every area has landed
-    for name in ("ladder", "media", "hls", "rooms", "wallet", "webrtc", "pages"):
+    for name in ("ladder", "media", "hls", "rooms", "wallet", "webrtc", "whip", "pages"):
         try:
             module = importlib.import_module(f"livesrv.http.{name}")
         except ModuleNotFoundError as exc:
