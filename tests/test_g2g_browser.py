@@ -83,8 +83,9 @@ def test_watch_page_follows_ll_hls_parts_and_plain_hls_with_ll_0(
     try:
         _wait_live(server, "lowlat", publisher)
 
-        # default: Low-Latency HLS, the server's parts, fetched as they are announced
-        ll_page, ll = _play(context, f"{server.url}/watch/lowlat")
+        # HLS (?hls=1: the page plays WebRTC first otherwise): Low-Latency HLS by default,
+        # the server's parts, fetched as they are announced
+        ll_page, ll = _play(context, f"{server.url}/watch/lowlat?hls=1")
         assert ll["engine"] == "hls.js" and ll["fatalErrors"] == []
         assert ll["lowLatency"] is True and ll["hlsLowLatencyMode"] is True
         assert ll["partTarget"] and ll["partTarget"] > 0 and ll["canBlockReload"] is True

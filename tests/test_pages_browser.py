@@ -163,7 +163,8 @@ def test_watch_page_plays_live_video_and_follows_the_anchor_going_on_and_off(
     try:
         _wait_live(server, "caster", publisher)
         _wait_playing(page, timeout_ms=45000)
-        assert page.evaluate("() => window.livesrvPlayer.engine") == "hls.js"
+        # WebRTC first (the source has no B-frames); HLS is the fallback, tested in test_whep_browser
+        assert page.evaluate("() => window.livesrvPlayer.engine") == "webrtc"
         assert page.locator("#live-badge").is_visible()
         assert page.locator("#stream-title").inner_text() == HOSTILE_TITLE
         assert page.locator("#unmute").is_visible()  # muted autoplay, one tap from sound
@@ -232,6 +233,9 @@ def test_watch_page_plays_live_video_and_follows_the_anchor_going_on_and_off(
         publisher.start()
         _wait_live(server, "caster", publisher)
         _wait_playing(page, timeout_ms=45000, errors_before=errors_before)
+        # the WebRTC session ended with the first publication, which is no reason to give it
+        # up: the new publication plays over WebRTC again
+        assert page.evaluate("() => window.livesrvPlayer.engine") == "webrtc"
         assert publisher.error is None
     finally:
         publisher.stop()

@@ -352,6 +352,17 @@ async def studio(request: web.Request) -> web.Response:
                      user_name=user.username, script="js/studio.js", player=True)
 
 
+@routes.get("/golive")
+async def golive(request: web.Request) -> web.Response:
+    site = request.app[WEB_APP]
+    user = await optional_user(request)
+    if user is None:
+        raise web.HTTPFound("/login?next=/golive")
+    body = site.templates.render("golive", channel=user.channel)
+    return site.page(request, name="golive", title="Go live from the browser · livesrv", body=body,
+                     user_name=user.username, script="js/golive.js")
+
+
 @routes.get("/static/vendor/{name}")
 async def vendor_file(request: web.Request) -> web.Response:
     site = request.app[WEB_APP]

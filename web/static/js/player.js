@@ -1,5 +1,7 @@
-// The live player: hls.js on MediaSource where it exists, the browser's own HLS otherwise
-// (iOS Safari has no MSE on iPhones), with recovery from the errors live streams produce.
+// The live player: WebRTC (WHEP, whep.js) first when the page gives a WHEP URL, then hls.js on
+// MediaSource where it exists, the browser's own HLS otherwise (iOS Safari has no MSE on
+// iPhones), with recovery from the errors live streams produce. WebRTC that fails, or
+// starts or stalls too slowly, falls back to HLS for the rest of the page's life.
 //
 // States: "idle" → "loading" → "playing"; "gone" when the stream's playlist disappeared
 // (the page decides whether the channel is offline or will be back); "error" when recovery
@@ -11,6 +13,8 @@ const MEDIA_ERROR_WINDOW_MS = 3000; // a second media error this soon after the 
 const STALL_MS = 8000; // playing but the clock stands still this long: reload the source
 const LOADING_TIMEOUT_MS = 20000; // no first frame after this long: reload the source
 const MAX_RELOADS = 6; // consecutive reloads without a frame played in between, then "error"
+const WHEP_START_TIMEOUT_MS = 6000; // WebRTC shows no frame this long after load(): use HLS
+const WHEP_STALL_MS = 4000; // WebRTC playing but the clock stands still this long: use HLS
 
 // hls.js settings shared by both modes
 const HLS_BASE_CONFIG = {
@@ -40,6 +44,8 @@ const STANDARD_CONFIG = {
   liveMaxLatencyDurationCount: 10,
 };
 
+import { webrtcSupported, WhepSession } from "./whep.js";
+
 function hlsLibrary() {
   return typeof window.Hls === "function" ? window.Hls : null;
 }
@@ -59,10 +65,18 @@ export function playbackEngine(video) {
 export class LivePlayer extends EventTarget {
   /** `options.lowLatency` (default true): hls.js follows LL-HLS parts when the server offers
    * them; false plays whole segments from 3 target durations behind the edge. */
-  constructor(video, { lowLatency = true } = {}) {
+  constructor(video, { lowLatency = true, webrtc = true } = {}) {
     super();
     this.video = video;
     this.lowLatency = lowLatency;
+    /** Try WHEP first when `load()` is given a WHEP URL. */
+    this.webrtc = webrtc;
+    this.whep = null;
+    this.whepUrl = null;
+    /** Why WebRTC was given up for HLS (null while it was not): for the page and for tests. */
+    this.whepFailure = null;
+    /** WebRTC showed a picture on this page: a later failure is the stream's, not the network's. */
+    this._whepWorked = false;
     /** What hls.js loaded since `load()`: whole segments, LL-HLS parts, and playlist reloads
      * that asked the server to block (`_HLS_msn`); for the page's diagnostics and for tests. */
     this.stats = { segments: 0, parts: 0, blockingReloads: 0 };
@@ -87,10 +101,21 @@ export class LivePlayer extends EventTarget {
     }
   }
 
-  /** Starts playing `url` from the live edge (muted, since browsers block sound on autoplay). */
-  load(url) {
+  /** Starts playing `url` (HLS) from the live edge (muted, since browsers block sound on
+   * autoplay); over WebRTC from `whepUrl` first, when given and WebRTC has not failed here. */
+  load(url, whepUrl = this.whepUrl) {
     this._teardown();
     this.url = url;
+    this.whepUrl = whepUrl;
+    if (this.webrtc && whepUrl && this.whepFailure === null && webrtcSupported()) {
+      this.engine = "webrtc";
+      this._setState("loading");
+      this._loadingSince = performance.now();
+      this._progress = { time: -1, at: performance.now() };
+      this._loadWhep(whepUrl);
+      this._watchdog = setInterval(() => this._checkProgress(), 1000);
+      return;
+    }
     this.engine = playbackEngine(this.video);
     if (!this.engine) {
       const reason = document.body.dataset.playerInstalled === "false"
@@ -123,6 +148,9 @@ export class LivePlayer extends EventTarget {
   /** Stops playback; `state` says why ("idle", "gone", "error"). */
   stop(state = "idle", message = "") {
     this._teardown();
+    // WebRTC that played here and then ended (the anchor stopped, the server restarted) is
+    // tried again for the next publication; WebRTC that never got a picture here is not
+    if (this._whepWorked) this.whepFailure = null;
     this._setState(state, message);
   }
 
@@ -144,10 +172,30 @@ export class LivePlayer extends EventTarget {
 
   /** Seconds behind the live edge, or null when unknown. */
   get latency() {
+    if (this.engine === "webrtc") return null; // WebRTC has no edge to be behind: it is the edge
     if (this.hls && Number.isFinite(this.hls.latency)) return this.hls.latency;
     const video = this.video;
     if (video.seekable.length) return video.seekable.end(video.seekable.length - 1) - video.currentTime;
     return null;
+  }
+
+  _loadWhep(url) {
+    const session = new WhepSession(url);
+    this.whep = session;
+    session.addEventListener("failed", (event) => this._fallbackToHls(session, event.detail.reason));
+    session.start().then((stream) => {
+      if (session !== this.whep) return;
+      this.video.srcObject = stream;
+      this._play();
+    }).catch((err) => this._fallbackToHls(session, err.message || String(err)));
+  }
+
+  /** WebRTC did not work here: HLS from now on (the page's `?hls=1` does it from the start). */
+  _fallbackToHls(session, reason) {
+    if (session !== this.whep) return;
+    console.info("livesrv: WebRTC playback failed, falling back to HLS:", reason);
+    this.whepFailure = reason;
+    this.load(this.url);
   }
 
   _loadHlsJs(url) {
@@ -281,6 +329,14 @@ export class LivePlayer extends EventTarget {
   _checkProgress() {
     const now = performance.now();
     const video = this.video;
+    if (this.engine === "webrtc") {
+      if (this.state === "playing" && !video.paused && now - this._progress.at > WHEP_STALL_MS) {
+        this._fallbackToHls(this.whep, "stalled");
+      } else if (this.state === "loading" && now - this._loadingSince > WHEP_START_TIMEOUT_MS) {
+        this._fallbackToHls(this.whep, "no picture in time");
+      }
+      return;
+    }
     if (this.state === "playing" && !video.paused && now - this._progress.at > STALL_MS) {
       this.reload();
     } else if (this.state === "loading" && now - this._loadingSince > LOADING_TIMEOUT_MS) {
@@ -303,6 +359,7 @@ export class LivePlayer extends EventTarget {
   }
 
   _setState(state, message = "") {
+    if (state === "playing" && this.engine === "webrtc") this._whepWorked = true;
     this.state = state;
     this.message = message;
     this.dispatchEvent(new CustomEvent("statechange", { detail: { state, message } }));
@@ -320,6 +377,11 @@ export class LivePlayer extends EventTarget {
     if (this.engine === "native") {
       this.video.removeAttribute("src");
       this.video.load();
+    }
+    if (this.whep) {
+      this.whep.stop();
+      this.whep = null;
+      this.video.srcObject = null;
     }
     this._setBuffering(false);
   }

@@ -24,7 +24,9 @@ const channel = page.dataset.channel;
 // `?ll=0` plays plain HLS (whole segments, ~3 target durations behind) instead of following
 // LL-HLS parts: for a viewer whose network cannot keep up with the parts, and for comparison
 const lowLatency = new URLSearchParams(window.location.search).get("ll") !== "0";
-const player = new LivePlayer($("#video"), { lowLatency });
+// WebRTC (WHEP) first, HLS when it fails; `?hls=1` (or an HLS mode: `?ll=0`) plays HLS only
+const webrtc = lowLatency && new URLSearchParams(window.location.search).get("hls") !== "1";
+const player = new LivePlayer($("#video"), { lowLatency, webrtc });
 const playerRoot = $("#player");
 
 /** The room as plug-ins see it. */
@@ -79,7 +81,7 @@ async function check() {
   const republished = liveSince !== null && info.started_at !== liveSince;
   liveSince = info.started_at;
   if (player.state === "idle" || player.state === "gone" || player.url !== info.hls) {
-    player.load(info.hls);
+    player.load(info.hls, info.whep);
   } else if (republished && player.state !== "playing") {
     // the encoder reconnected (a new publication, maybe new codec parameters) and the
     // player is not coping on its own: start over, even if it had given up
