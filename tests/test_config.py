@@ -50,3 +50,29 @@ def test_sections_are_typed_and_strict() -> None:
     object.__setattr__(settings, "tables", {"hls": {"segment_secnds": 1}})
     with pytest.raises(ConfigError, match="segment_secnds"):
         settings.section("hls", Hls)
+
+
+def test_the_example_config_loads_and_documents_every_setting() -> None:
+    """config/livesrv.example.toml is what operators copy: each table must load into its settings
+    class (unknown keys are errors) and name every setting, set or commented out."""
+    from dataclasses import fields
+
+    from chat.settings import ChatSettings
+    from gifts.settings import GiftSettings
+    from ingest.rtmp.connection import RtmpLimits
+    from ingest.whip import WhipSettings
+    from transcode.hls import HlsSettings
+    from transcode.record import RecordSettings
+    from transcode.thumbs import ThumbSettings
+    from transcode.webrtc import WebRtcSettings
+
+    path = Path(__file__).resolve().parents[1] / "config" / "livesrv.example.toml"
+    settings = load_settings(path, env={})
+    text = path.read_text()
+    for name, cls in {"hls": HlsSettings, "thumbs": ThumbSettings, "recordings": RecordSettings,
+                      "rtmp": RtmpLimits, "chat": ChatSettings, "gifts": GiftSettings,
+                      "webrtc": WebRtcSettings, "whip": WhipSettings}.items():
+        settings.section(name, cls)
+        table = "\n" + text.split(f"\n[{name}]\n", 1)[1].split("\n[", 1)[0]
+        for field in fields(cls):
+            assert f"\n{field.name} =" in table or f"\n# {field.name} =" in table, (name, field.name)
