@@ -6,11 +6,21 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.h264 import h264_depayload
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcrtpparameters import (
+    RTCRtcpParameters,
+    RTCRtpCodecParameters,
+    RTCRtpHeaderExtensionParameters,
+    RTCRtpSendParameters,
+)
+from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from livesrv.annexb import START_CODE
+from transcode import webrtc_sender
 from transcode.webrtc import h264_capability
+from transcode.webrtc_media import EncodedFrame
 from transcode.webrtc_rtp import (
     NAL_FU_A,
     NAL_STAP_A,
@@ -137,3 +147,91 @@ def test_public_candidates_copy_host_candidates() -> None:
     edited = add_public_candidates(sdp, "203.0.113.7")
     assert " 203.0.113.7 " in edited
     assert edited.count("a=candidate:") > sdp.count("a=candidate:")
+
+
+# -- the lean RTP send loop (transcode/webrtc_sender.py) on a real aiortc RTCRtpSender ------------
+class _RecordingDtls:
+    """Stands in for the DTLS transport under an RTCRtpSender: what it is asked to send."""
+
+    state = "connected"
+    _stats_id = "transport_test"
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def _register_rtp_sender(self, sender: object, parameters: object) -> None:
+        pass
+
+    def _unregister_rtp_sender(self, sender: object) -> None:
+        pass
+
+    def _get_stats(self) -> dict[str, object]:
+        return {}
+
+    async def _send_rtp(self, data: bytes) -> None:
+        self.sent.append(data)
+
+
+class _FrameList(MediaStreamTrack):
+    """A track whose frames are given: then the end of the stream."""
+
+    kind = "video"
+
+    def __init__(self, frames: list[EncodedFrame]) -> None:
+        super().__init__()
+        self.frames = list(frames)
+        self.stopped = False
+
+    async def recv(self) -> EncodedFrame:  # type: ignore[override]
+        await asyncio.sleep(0)
+        if not self.frames:
+            raise MediaStreamError
+        return self.frames.pop(0)
+
+    def stop(self) -> None:
+        self.stopped = True
+        super().stop()
+
+
+async def test_lean_sender_sends_aiortc_packets_and_answers_nacks() -> None:
+    frames = [EncodedFrame([b"a" * 1000, b"b" * 1000, b"c" * 10], 0, 2010),
+              EncodedFrame([b"d" * 500], 3000, 500),
+              EncodedFrame([b"e" * 700, b"f" * 20], 6000, 720)]
+    track = _FrameList(frames)
+    dtls = _RecordingDtls()
+    sender = RTCRtpSender("video", dtls)  # type: ignore[arg-type]
+    sender.replaceTrack(track)
+    webrtc_sender.install(sender)
+    extensions = [RTCRtpHeaderExtensionParameters(id=4, uri="urn:ietf:params:rtp-hdrext:sdes:mid"),
+                  RTCRtpHeaderExtensionParameters(
+                      id=9, uri="http://www.webrtc.org/experiments/rtp-hdrext/abs-send-time")]
+    await sender.send(RTCRtpSendParameters(
+        codecs=[RTCRtpCodecParameters(mimeType="video/H264", clockRate=90000, payloadType=102),
+                RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90000, payloadType=103,
+                                      parameters={"apt": 102})],
+        headerExtensions=extensions, muxId="v0", rtcp=RTCRtcpParameters(cname="test", mux=True)))
+    async with asyncio.timeout(5):
+        while not track.stopped:  # noqa: ASYNC110 - the sender's task reads the track
+            await asyncio.sleep(0.01)
+    extension_map = HeaderExtensionsMap()
+    extension_map.configure(RTCRtpSendParameters(headerExtensions=extensions))
+    packets = [RtpPacket.parse(data, extension_map) for data in dtls.sent]
+
+    assert [p.payload for p in packets] == [payload for f in frames for payload in f.payloads]
+    assert [p.marker for p in packets] == [0, 0, 1, 1, 0, 1]  # the last packet of each frame
+    first = packets[0]
+    assert [(p.sequence_number - first.sequence_number) & 0xFFFF for p in packets] == list(range(6))
+    assert [(p.timestamp - first.timestamp) & 0xFFFFFFFF for p in packets] == [0, 0, 0, 3000, 6000, 6000]
+    assert {(p.payload_type, p.ssrc, p.extensions.mid) for p in packets} == {(102, sender._ssrc, "v0")}
+    assert all(p.extensions.abs_send_time is not None for p in packets)
+    stats = await sender.getStats()
+    outbound = next(s for s in stats.values() if s.type == "outbound-rtp")
+    assert (outbound.packetsSent, outbound.bytesSent) == (6, 3230)
+
+    # a NACK for the second packet is answered from the history, as RTX (RFC 4588) by aiortc
+    dtls.sent.clear()
+    await sender._retransmit(packets[1].sequence_number)
+    (rtx,) = [RtpPacket.parse(data, extension_map) for data in dtls.sent]
+    assert rtx.payload_type == 103 and rtx.ssrc == sender._rtx_ssrc
+    assert rtx.payload == packets[1].sequence_number.to_bytes(2, "big") + b"b" * 1000
+    await sender.stop()

@@ -3,11 +3,10 @@
     hub Stream --subscription per viewer--> VideoTrack --(packetized once per stream)--> RTCRtpSender
     hub Stream --one subscription--> AudioSource (AAC->Opus once) --tap per viewer--> AudioTrack
 
-What a viewer costs: its own hub subscription and audio tap, and aiortc's per-packet work
-(RTP header, SRTP encryption, the socket). Packetization (``webrtc_media.VideoPacketizer``) and
-the Opus encode happen once per stream: the tracks hand aiortc's sender frames that are already
-RTP payloads, through ``PrepacketizedEncoder`` (aiortc calls an encoder's ``pack()`` for anything
-a track returns that is not a raw frame).
+What a viewer costs: its own hub subscription and audio tap, and per packet an RTP header
+(a copy of one serialized per frame: ``webrtc_sender``), SRTP encryption and the socket.
+Packetization (``webrtc_media.VideoPacketizer``) and the Opus encode happen once per stream:
+the tracks hand the senders frames that already are RTP payloads.
 
 Sessions end on ``DELETE`` (``close_session``), when their stream ends, when ICE or DTLS fails
 or closes (which covers a peer that vanished: aioice stops when consent checks go unanswered),
@@ -39,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from livesrv.config import ConfigError
 from livesrv.hub import Hub, Stream, Subscription
 
+from . import webrtc_sender
 from .webrtc_media import (
     VIDEO_CLOCK,
     AudioSource,
@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 SESSIONS = Gauge("livesrv_webrtc_sessions", "WHEP sessions open")
 BYTES_OUT = Counter("livesrv_webrtc_bytes_out_total", "RTP payload bytes sent to WHEP viewers", ["kind"])
+_VIDEO_BYTES_OUT = BYTES_OUT.labels("video")  # bound once: these count every frame of every viewer
+_AUDIO_BYTES_OUT = BYTES_OUT.labels("audio")
 KEYFRAME_REQUESTS = Counter("livesrv_webrtc_keyframe_requests_total",
                             "Keyframe requests (RTCP PLI/FIR) received from WHEP viewers", ["type"])
 SETUP_SECONDS = Histogram("livesrv_webrtc_session_setup_seconds",
@@ -107,24 +109,6 @@ class WebRtcSettings:
 
 
 # -- aiortc glue ---------------------------------------------------------------------------------
-class PrepacketizedEncoder:
-    """An aiortc encoder for frames that already are RTP payloads (``EncodedFrame``)."""
-
-    def encode(self, frame: Any, force_keyframe: bool = False) -> tuple[list[bytes], int]:
-        raise TypeError("WHEP tracks carry encoded frames only")
-
-    def pack(self, frame: EncodedFrame) -> tuple[list[bytes], int]:
-        return frame.payloads, frame.timestamp
-
-
-def _install_encoder(sender: RTCRtpSender) -> None:
-    # aiortc creates the sender's encoder lazily from the codec, only if none is set yet; the
-    # attribute is private (name-mangled), so a changed aiortc fails loudly here, not on air
-    if not hasattr(sender, "_RTCRtpSender__encoder"):
-        raise RuntimeError("this aiortc version has no RTCRtpSender encoder slot")
-    sender._RTCRtpSender__encoder = PrepacketizedEncoder()  # type: ignore[attr-defined]
-
-
 def _count_keyframe_requests(sender: RTCRtpSender) -> None:
     """Count PLI/FIR from the viewer. The source's keyframes come at the publisher's pace (we
     do not encode), so there is nothing to force; NACKs (retransmission) are aiortc's."""
@@ -213,7 +197,7 @@ class VideoTrack(MediaStreamTrack):
                 timestamp -= round(self._shift * self.packetizer.time_base * VIDEO_CLOCK)
             self.frames += 1
             self.bytes += frame.size
-            BYTES_OUT.labels("video").inc(frame.size)
+            _VIDEO_BYTES_OUT.inc(frame.size)
             return EncodedFrame(frame.payloads, timestamp, frame.size)
 
     def stop(self) -> None:
@@ -238,7 +222,7 @@ class AudioTrack(MediaStreamTrack):
             self.stop()
             raise MediaStreamError
         self.frames += 1
-        BYTES_OUT.labels("audio").inc(frame.size)
+        _AUDIO_BYTES_OUT.inc(frame.size)
         return frame
 
     def stop(self) -> None:
@@ -327,13 +311,13 @@ class WhepService:
         try:
             transceiver = pc.addTransceiver(video, direction="sendonly")
             transceiver.setCodecPreferences([capability, RTX_CAPABILITY])
-            _install_encoder(transceiver.sender)
+            webrtc_sender.install(transceiver.sender)
             _count_keyframe_requests(transceiver.sender)
             source = self._audio_source(stream) if offer.has_opus else None
             if source is not None:
                 audio = AudioTrack(source, source.tap())
                 audio_transceiver = pc.addTransceiver(audio, direction="sendonly")
-                _install_encoder(audio_transceiver.sender)
+                webrtc_sender.install(audio_transceiver.sender)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
         except (OfferError, Unplayable):
