@@ -6,8 +6,8 @@ The hub speaks AVCC (see ``livesrv.media``): every NAL unit prefixed by its 4-by
 the parameter sets kept out of band in an AVCDecoderConfigurationRecord (``avcC``).
 
 The ladder converts its encoders' output with ``annexb_to_avcc`` and builds the rung's track
-extradata with ``build_avcc_record``, and so does WHIP ingest with what browsers send; WebRTC
-egress goes the other way with ``avcc_to_annexb`` and ``avcc_record_to_annexb``. It lives in the
+extradata with ``build_avcc_record``, and so does WHIP ingest with what browsers send; WHEP
+egress walks the AVCC NAL units (``iter_avcc``) to packetize them. It lives in the
 shared kernel because both ``ingest`` and ``transcode`` need it and neither may import the other.
 """
 

@@ -31,7 +31,7 @@ WHEP = web.AppKey("whep", WhepService)
 MAX_OFFER_BYTES = 64 * 1024
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location, Link",
+    "Access-Control-Expose-Headers": "Location",
 }
 PREFLIGHT = {
     **CORS,

@@ -31,9 +31,9 @@ WHIP_INGEST = web.AppKey("whip_ingest", WhipIngest)
 SDP_TYPE = "application/sdp"
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Allow-Methods": "OPTIONS, POST, DELETE, PATCH",
+    "Access-Control-Allow-Methods": "OPTIONS, POST, DELETE",
     "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
-    "Access-Control-Expose-Headers": "Location, Link, ETag, Accept-Post",
+    "Access-Control-Expose-Headers": "Location, ETag, Accept-Post",
     "Access-Control-Max-Age": "86400",
 }
 
@@ -115,7 +115,7 @@ def _session_or_404(request: web.Request):  # type: ignore[no-untyped-def]
 @routes.options("/whip/{session}")
 @_with_cors
 async def session_options(request: web.Request) -> web.Response:
-    return web.Response(status=204, headers={"Allow": "OPTIONS, DELETE, PATCH"})
+    return web.Response(status=204, headers={"Allow": "OPTIONS, DELETE"})  # no trickle: PATCH is 405
 
 
 @routes.delete("/whip/{session}")
