@@ -246,7 +246,11 @@ async def _not_live(http: aiohttp.ClientSession, server: ServerProcess, channel:
     return await live_entry(http, server, channel) is None
 
 
-def check_frames(decoded: list[DecodedSegment], sent: int) -> None:
+def check_frames(decoded: list[DecodedSegment], sent: int, transcoded: bool = False) -> None:
+    """``transcoded``: the frames were encoded twice, lossily (VP8 by the publisher, H.264 by the
+    server), which can smear a frame's number past the reader's threshold (seen with the machine's
+    cores busy: frames 124 and 130 of 137, isolated, in three runs of three); such a frame must
+    still stand in its place, between the frames numbered just before and just after it."""
     for content in decoded:
         assert content.video_codec == "h264"
         assert content.starts_with_keyframe
@@ -255,7 +259,14 @@ def check_frames(decoded: list[DecodedSegment], sent: int) -> None:
     numbers = [n for content in decoded for n in content.numbers]
     assert numbers, "no video in HLS"
     missing = [(i, numbers[max(0, i - 2):i + 3]) for i, n in enumerate(numbers) if n is None]
-    assert not missing, f"decoded frames carry no readable frame number: {missing} of {len(numbers)}"
+    if transcoded:
+        for i, around in missing:
+            before, after = numbers[i - 1] if i else None, numbers[i + 1] if i + 1 < len(numbers) else None
+            assert before is not None and after is not None and after - before == 2, around
+        assert len(missing) <= 0.05 * len(numbers), missing
+        numbers = [n for n in numbers if n is not None]
+    else:
+        assert not missing, f"decoded frames carry no readable frame number: {missing} of {len(numbers)}"
     # in order, each once; frames lost on the way would show as gaps, which loopback should not
     # have, but a retransmission that comes too late is allowed to leave one (no fixed timing)
     assert all(b > a for a, b in itertools.pairwise(numbers)), numbers
@@ -290,7 +301,7 @@ async def test_vp8_publish_is_transcoded_to_h264(
     publishers.append(pub)
     decoded = await publish_and_check_hls(http, whip_server, user, pub)
     assert pub.video is not None
-    check_frames(decoded, pub.video.sent)
+    check_frames(decoded, pub.video.sent, transcoded=True)
 
 
 async def test_audio_only_publish_goes_live(
