@@ -268,7 +268,8 @@ class Ledger:
         recorded: collections.Counter[str] = collections.Counter()
         for request in plan.accepted:
             answers[id(request)] = Posting(ids[request.key], request.key, request.kind, request.legs,
-                                           request.memo, now, replayed=False)
+                                           request.memo, now, replayed=False,
+                                           balances=plan.balances_after[id(request)])
             recorded[request.kind] += 1
         for request in batch:
             leader = plan.followers.get(id(request))

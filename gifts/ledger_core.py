@@ -86,6 +86,9 @@ class Posting:
     memo: dict[str, Any]
     created_at: float
     replayed: bool  # the key had already been posted: nothing moved this time
+    #: the balance of each account the legs touch right after this posting (in the order the
+    #: batch applied its posts); empty for a replay, whose moves happened earlier
+    balances: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -250,6 +253,8 @@ class Plan:
     """
 
     accepted: list[Request] = field(default_factory=list)
+    #: the balances of an accepted request's accounts right after it, by id(request)
+    balances_after: dict[int, dict[str, int]] = field(default_factory=dict)
     answers: dict[int, Posting | LedgerError] = field(default_factory=dict)  # by id(request)
     followers: dict[int, Request] = field(default_factory=dict)
     deltas: dict[str, int] = field(default_factory=dict)  # net change per account, zero omitted
@@ -288,9 +293,11 @@ def plan_batch(batch: Sequence[Request], existing: Mapping[str, StoredPosting],
         if shortfall is not None:
             plan.answers[id(request)] = InsufficientFunds(*shortfall)
             continue
+        after = {}
         for account, delta, _ in request.lines:
-            working[account] = working.get(account, 0) + delta
+            after[account] = working[account] = working.get(account, 0) + delta
         plan.accepted.append(request)
+        plan.balances_after[id(request)] = after
     for account, value in working.items():
         delta = value - balances.get(account, 0)
         if delta:

@@ -109,7 +109,11 @@ class GiftService:
         posting = await self.ledger.post(
             legs, key=gift_key(viewer_id, key), kind="gift",
             memo={"gift": gift.id, "count": count, "channel": channel, "combo": combo})
-        balance = await self.ledger.balance(source)
+        # the balance right after this gift, as its batch applied it; a replay has none (its
+        # coins moved earlier), so it reads the wallet as it is now
+        balance = posting.balances.get(source)
+        if balance is None:
+            balance = await self.ledger.balance(source)
         event_id = f"gift-{posting.id}"
         if posting.replayed:
             memo = posting.memo

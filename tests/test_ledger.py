@@ -193,6 +193,23 @@ async def test_an_overdraft_fails_alone_within_a_batch(ledger: Ledger, db: Datab
     await assert_books_clean(ledger, db)
 
 
+async def test_each_posting_answers_the_balances_right_after_it(ledger: Ledger, db: Database) -> None:
+    first = await ledger.post(recharge(1, 100), key="r", kind="recharge")
+    assert first.balances == {wallet(1): 100, SANDBOX: -100}
+    batches_before = batches_so_far()
+    posts = await asyncio.gather(*(ledger.post(gift(1, 9, 10), key=f"g{i}", kind="gift")
+                                   for i in range(6)))
+    assert batches_so_far() - batches_before < len(posts)  # they went through in shared batches
+    # in queue order, each gift sees the wallet as the ones before it left it
+    assert [p.balances[wallet(1)] for p in posts] == [90, 80, 70, 60, 50, 40]
+    assert [(p.balances[earnings(9)], p.balances[PLATFORM]) for p in posts] == [
+        (8 * n, 2 * n) for n in range(1, 7)]
+    replay = await ledger.post(gift(1, 9, 10), key="g0", kind="gift")
+    assert replay.replayed and replay.balances == {}  # nothing moved: no balances to tell
+    assert await ledger.balance(wallet(1)) == 40
+    await assert_books_clean(ledger, db)
+
+
 @pytest.mark.parametrize("legs, key, kind, memo", [
     ([], "k", "gift", None),
     ([Leg(wallet(1), wallet(1), 5)], "k", "gift", None),
