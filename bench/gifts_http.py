@@ -18,7 +18,10 @@ Afterwards the store is opened directly and checked: the anchor's earnings plus 
 share equal the coins of every gift answered 200, and the ledger's audit is clean.
 
     .venv/bin/python bench/gifts_http.py --seconds 10
-    .venv/bin/python bench/gifts_http.py --database postgresql://postgres@127.0.0.1:5432/test?schema=bench
+    .venv/bin/python bench/gifts_http.py --database postgresql://postgres@127.0.0.1:5432/test
+
+On PostgreSQL each run works in a schema of its own (``gifts_bench_PID``, replacing any
+``schema=`` in the URL), dropped afterwards: the users and books of one run never meet the next.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -122,7 +126,16 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def check_store(database_url: str, anchor_id: int, coins: int) -> dict[str, Any]:
+def own_schema(url: str) -> tuple[str, str]:
+    """``url`` with a schema of this run's own, and that schema's name."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "schema"]
+    schema = f"gifts_bench_{os.getpid()}"
+    return parts._replace(query=urlencode([*query, ("schema", schema)])).geturl(), schema
+
+
+async def check_store(database_url: str, anchor_id: int, coins: int,
+                      drop_schema: str | None = None) -> dict[str, Any]:
     from gifts.ledger import PLATFORM, Ledger, earnings
     from livesrv.db import open_database
 
@@ -132,6 +145,8 @@ async def check_store(database_url: str, anchor_id: int, coins: int) -> dict[str
         audit = await ledger.audit()
         earned = await ledger.balance(earnings(anchor_id))
         platform_coins = await ledger.balance(PLATFORM)
+        if drop_schema:
+            await db.execute(f'DROP SCHEMA "{drop_schema}" CASCADE')
         return {"audit_balanced": audit.balanced, "cached_match": audit.cached_match,
                 "negative": audit.negative, "postings": audit.postings,
                 "anchor_plus_platform": earned + platform_coins, "coins_answered_200": coins}
@@ -151,6 +166,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--gift", default=GIFT, choices=[GIFT, GIFT_BIG])
     args = parser.parse_args()
+    schema = None
+    if args.database:
+        args.database, schema = own_schema(args.database)
 
     with tempfile.TemporaryDirectory(prefix="gifts-bench-") as tmp:
         config = Path(tmp) / "livesrv.toml"
@@ -194,7 +212,7 @@ def main() -> None:
             for key, value in r["counts"].items():
                 counts[key] = counts.get(key, 0) + value
         database_url = args.database or f"sqlite:///{(Path(tmp) / 'server' / 'livesrv.db').resolve()}"
-        store = asyncio.run(check_store(database_url, anchor_id, counts.get("coins", 0)))
+        store = asyncio.run(check_store(database_url, anchor_id, counts.get("coins", 0), schema))
     batches = [line for line in metrics_text.splitlines()
                if line.startswith(("livesrv_ledger_batch_size", "livesrv_ledger_write_seconds",
                                    "livesrv_http_request_seconds"))
