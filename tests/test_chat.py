@@ -232,6 +232,38 @@ async def test_busy_room_batches_and_a_joiner_gets_each_event_once(
     assert len(first.frames) < 30
 
 
+async def test_a_big_rooms_frame_goes_out_in_chunks_with_the_loop_running_between(
+        viewers: list[Viewer], fanout: dict[str, int]) -> None:
+    bus = Bus()
+    rooms = Rooms(ChatSettings(batch_interval=0, sample_rate=1e9, flush_chunk=2, **fanout), "n1",
+                  bus.subscribe)
+    viewers += [await Viewer.open() for _ in range(7)]
+    room = None
+    for viewer in viewers:
+        room = rooms.join("r", viewer.seat)
+    assert room is not None
+    bus.handlers["room:r"](rooms.chat_event("u", "0"))  # a quiet room: the frame starts at once
+    assert room._in_flight is not None, "7 seats, 2 a turn: the rest is written in later turns"
+    in_flight: list[bool] = []
+
+    def arrives(i: int) -> None:  # chat read by the loop between two chunks of the frame
+        in_flight.append(room._in_flight is not None)
+        bus.handlers["room:r"](rooms.chat_event("u", str(i)))
+
+    loop = asyncio.get_running_loop()
+    for i in range(1, 30):
+        loop.call_soon(arrives, i)
+    loop.call_soon(room.deliver, {"type": "viewers", "count": 7, "id": "end"})
+    for viewer in viewers:
+        await viewer.read_until(ends)
+        # every event once, in order: the first frame, then what arrived while it went out
+        assert [e["text"] for e in viewer.events() if e["type"] == "chat"] == [str(i) for i in range(30)]
+        assert len([f for f in viewer.frames if f["type"] != "history"]) == 2
+    assert in_flight and all(in_flight)
+    assert room._in_flight is None
+    rooms.close()
+
+
 async def test_a_slow_socket_is_dropped_and_the_room_goes_on(
         viewers: list[Viewer], fanout: dict[str, int]) -> None:
     bus = Bus()
