@@ -36,6 +36,7 @@ from tests.support.publish import (
     parse_multivariant,
 )
 from tests.support.server import ServerProcess, get_json
+from tests.support.wait import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -81,17 +82,6 @@ def publishers() -> Iterator[list[RtmpPublisher]]:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
 def live_entry(server: ServerProcess, channel: str) -> dict[str, Any] | None:
     status, items = get_json(server.url + "/api/live")
     assert status == 200, items

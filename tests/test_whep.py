@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from tests.support.publish import RtmpPublisher, add_channel, read_frame_number
 from tests.support.server import REPO, ServerProcess
+from tests.support.wait import wait_for
 from transcode.webrtc import h264_capability
 
 pytestmark = pytest.mark.e2e
@@ -162,15 +162,6 @@ def metric(server: ServerProcess, name: str) -> float:
         if key == name or key.startswith(name + "{") or ("{" in name and key.startswith(name)):
             total += float(value)
     return total
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
-    return value
 
 
 def _server(tmp_path: Path, config: str) -> ServerProcess:

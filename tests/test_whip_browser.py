@@ -8,9 +8,8 @@ two more flags: a fake capture device, and no permission prompt for it.
 from __future__ import annotations
 
 import http.client
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
 from tests.support.publish import add_channel, http_get, parse_media_playlist, parse_multivariant
 from tests.support.server import ServerProcess, get_json
+from tests.support.wait import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
 
@@ -36,17 +36,6 @@ def camera_browser() -> Iterator[Any]:
             yield browser
         finally:
             browser.close()
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.2)
 
 
 def live_entry(server: ServerProcess, channel: str) -> dict[str, Any] | None:
