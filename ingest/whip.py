@@ -46,9 +46,10 @@ from prometheus_client import Counter, Gauge, Histogram
 from livesrv.config import ConfigError
 from livesrv.hub import Hub, Stream
 from livesrv.media import Packet
+from livesrv.webrtc_offers import OfferError
 
 from .whip_media import PublicationAssembler, Start
-from .whip_sdp import OfferError, OfferSummary, check_offer
+from .whip_sdp import OfferSummary, check_offer
 from .whip_vp8 import Vp8Transcoder
 
 log = logging.getLogger("livesrv.whip")
@@ -184,7 +185,7 @@ class WhipIngest:
             if isinstance(exc, OfferError):
                 raise
             log.warning("whip %s: negotiation failed: %s: %s", channel, type(exc).__name__, exc)
-            raise OfferError(f"the offer could not be negotiated: {exc}") from None
+            raise OfferError(400, f"the offer could not be negotiated: {exc}") from None
         return session
 
     def get(self, session_id: str) -> WhipSession | None:

@@ -17,19 +17,10 @@ from dataclasses import dataclass, field
 
 from aiortc.sdp import H264Profile, parse_h264_profile_level_id
 
-#: an offer is a few kilobytes; anything much larger is not an SDP offer
-MAX_OFFER_BYTES = 64 * 1024
+from livesrv.webrtc_offers import OfferError
 
 ACCEPTED = ("H.264 (packetization-mode=1, Constrained Baseline or Baseline profile) or VP8 video, "
             "Opus audio")
-
-class OfferError(ValueError):
-    """An offer we refuse; ``reason`` is meant for the publisher's eyes."""
-
-    def __init__(self, reason: str, status: int = 400) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
 
 
 @dataclass
@@ -89,22 +80,22 @@ def parse_sections(text: str) -> tuple[MediaSection, list[MediaSection]]:
     lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n")]
     lines = [line for line in lines if line]
     if not lines or lines[0] != "v=0":
-        raise OfferError("the body is not an SDP offer (it must start with v=0)")
+        raise OfferError(400, "the body is not an SDP offer (it must start with v=0)")
     session = MediaSection("session", 0)
     media: list[MediaSection] = []
     current = session
     for line in lines[1:]:
         if len(line) < 2 or line[1] != "=":
-            raise OfferError(f"malformed SDP line: {line[:60]!r}")
+            raise OfferError(400, f"malformed SDP line: {line[:60]!r}")
         kind, value = line[0], line[2:]
         if kind == "m":
             parts = value.split()
             if len(parts) < 3:
-                raise OfferError(f"malformed m= line: {line[:60]!r}")
+                raise OfferError(400, f"malformed m= line: {line[:60]!r}")
             try:
                 port = int(parts[1].split("/")[0])
             except ValueError:
-                raise OfferError(f"malformed m= line port: {line[:60]!r}") from None
+                raise OfferError(400, f"malformed m= line port: {line[:60]!r}") from None
             current = MediaSection(parts[0], port)
             for fmt in parts[3:]:
                 if fmt.isdigit():
@@ -129,7 +120,7 @@ def _attribute(section: MediaSection, value: str) -> None:
         pt, _, encoding = rest.partition(" ")
         fields = encoding.strip().split("/")
         if not pt.isdigit() or len(fields) < 2 or not fields[1].isdigit():
-            raise OfferError(f"malformed rtpmap: {value[:60]!r}")
+            raise OfferError(400, f"malformed rtpmap: {value[:60]!r}")
         channels = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else None
         section.rtpmap[int(pt)] = (fields[0].upper(), int(fields[1]), channels)
     elif name == "fmtp":
@@ -148,27 +139,27 @@ def check_offer(text: str) -> OfferSummary:
     session, sections = parse_sections(text)
     active = [s for s in sections if s.port != 0]  # port 0: a rejected / stopped section
     if any(s.kind == "application" for s in active):
-        raise OfferError("data channels are not taken over WHIP: offer audio and/or video only")
+        raise OfferError(400, "data channels are not taken over WHIP: offer audio and/or video only")
     others = [s.kind for s in active if s.kind not in ("audio", "video")]
     if others:
-        raise OfferError(f"unsupported media section(s): {', '.join(others)}")
+        raise OfferError(400, f"unsupported media section(s): {', '.join(others)}")
     video = [s for s in active if s.kind == "video"]
     audio = [s for s in active if s.kind == "audio"]
     if not video and not audio:
-        raise OfferError("the offer has no audio or video to publish")
+        raise OfferError(400, "the offer has no audio or video to publish")
     if len(video) > 1 or len(audio) > 1:
-        raise OfferError("at most one video and one audio track can be published "
+        raise OfferError(400, "at most one video and one audio track can be published "
                          f"(the offer has {len(video)} video and {len(audio)} audio)")
     for section in video + audio:
         direction = section.direction or session.direction or "sendrecv"
         if direction not in ("sendonly", "sendrecv"):
-            raise OfferError(f"the {section.kind} section is {direction}: a WHIP offer must send "
+            raise OfferError(400, f"the {section.kind} section is {direction}: a WHIP offer must send "
                              "(sendonly)")
         if not (section.ice_ufrag or session.ice_ufrag) or not (section.ice_pwd or session.ice_pwd):
-            raise OfferError(f"the {section.kind} section has no ICE credentials "
+            raise OfferError(400, f"the {section.kind} section has no ICE credentials "
                              "(a=ice-ufrag / a=ice-pwd)")
         if not (section.fingerprint or session.fingerprint):
-            raise OfferError(f"the {section.kind} section has no DTLS fingerprint (a=fingerprint)")
+            raise OfferError(400, f"the {section.kind} section has no DTLS fingerprint (a=fingerprint)")
     video_codec = _video_codec(video[0]) if video else None
     if audio:
         _check_audio(audio[0])
@@ -187,7 +178,7 @@ def _video_codec(section: MediaSection) -> str:
     if "VP8" in names:
         return "vp8"
     offered = ", ".join(_describe_video(section)) or "none"
-    raise OfferError(f"no supported video codec: send {ACCEPTED} (offered: {offered})")
+    raise OfferError(400, f"no supported video codec: send {ACCEPTED} (offered: {offered})")
 
 
 def _describe_video(section: MediaSection) -> list[str]:
@@ -211,4 +202,4 @@ def _check_audio(section: MediaSection) -> None:
         if name == "OPUS" and rate == 48000:
             return
     offered = ", ".join(section.codec_names()) or "none"
-    raise OfferError(f"no supported audio codec: send Opus (offered: {offered})")
+    raise OfferError(400, f"no supported audio codec: send Opus (offered: {offered})")

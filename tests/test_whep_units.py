@@ -18,6 +18,7 @@ from aiortc.rtcrtpparameters import (
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
 
 from livesrv.annexb import START_CODE
+from livesrv.webrtc_offers import OfferError
 from transcode import webrtc_sender
 from transcode.webrtc import h264_capability
 from transcode.webrtc_media import EncodedFrame
@@ -29,7 +30,7 @@ from transcode.webrtc_rtp import (
     parse_profile_level_id,
     profile_name,
 )
-from transcode.webrtc_sdp import OfferError, add_public_candidates, choose_h264, parse_offer
+from transcode.webrtc_sdp import add_public_candidates, choose_h264, parse_offer
 
 SPS = bytes((0x67, 0x64, 0x00, 0x1F)) + bytes(range(1, 12))
 PPS = bytes((0x68, 0xEE, 0x3C, 0x80))

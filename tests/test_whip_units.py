@@ -20,11 +20,12 @@ from ingest.whip_media import (
     Start,
     vp8_is_keyframe,
 )
-from ingest.whip_sdp import OfferError, check_offer, h264_is_baseline
+from ingest.whip_sdp import check_offer, h264_is_baseline
 from ingest.whip_vp8 import Vp8Transcoder
 from livesrv.annexb import avcc_record_to_annexb, avcc_to_annexb
 from livesrv.codecs import avcc_parameter_sets, parse_h264_sps
 from livesrv.media import Packet
+from livesrv.webrtc_offers import OfferError
 from tests.support.publish import _PatternSource, read_frame_number
 
 

@@ -37,6 +37,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from livesrv.config import ConfigError
 from livesrv.hub import Hub, Stream, Subscription
+from livesrv.webrtc_offers import OfferError, Refused
 
 from . import webrtc_sender
 from .webrtc_media import (
@@ -49,7 +50,6 @@ from .webrtc_media import (
     choose_video,
 )
 from .webrtc_sdp import (
-    OfferError,
     add_public_candidates,
     choose_h264,
     h264_capability_parameters,
@@ -284,11 +284,12 @@ class WhepService:
 
     # -- offers -----------------------------------------------------------------------------
     async def offer(self, channel: str, sdp: str) -> Answer:
-        """Answer a viewer's offer; raises ``OfferError`` or ``Unplayable`` with the reason."""
+        """Answer a viewer's offer; raises ``Refused`` (``OfferError``, ``Unplayable``) with the
+        HTTP status and the reason."""
         started = time.monotonic()
         try:
             return await self._offer(channel, sdp, started)
-        except (OfferError, Unplayable) as exc:
+        except Refused as exc:
             REFUSED.labels(str(exc.status)).inc()
             raise
 
@@ -320,7 +321,7 @@ class WhepService:
                 webrtc_sender.install(audio_transceiver.sender)
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             await pc.setLocalDescription(await pc.createAnswer())
-        except (OfferError, Unplayable):
+        except Refused:
             await self._discard(pc, video, audio)
             raise
         except Exception as exc:  # aiortc's refusal of an offer it cannot use

@@ -28,6 +28,7 @@ import av
 from livesrv.codecs import CodecConfigError, avcc_parameter_sets
 from livesrv.hub import Stream, Subscription
 from livesrv.media import Packet, Track
+from livesrv.webrtc_offers import Refused
 
 from .webrtc_rtp import access_unit_nals, packetize, profile_level_id
 
@@ -41,13 +42,8 @@ OPUS_FRAME_SAMPLES = 960  # 20 ms, what browsers send and expect
 OPUS_BITRATE = 96_000
 
 
-class Unplayable(Exception):
+class Unplayable(Refused):
     """The stream cannot be sent over WHEP now; ``status`` is the HTTP answer (409/415/503)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,16 +18,9 @@ from dataclasses import dataclass
 
 from aiortc import sdp as aiortc_sdp
 
+from livesrv.webrtc_offers import OfferError
+
 from .webrtc_rtp import DECODABLE_BY, parse_profile_level_id, profile_name
-
-
-class OfferError(ValueError):
-    """An offer WHEP cannot answer; ``status`` is the HTTP status (400 or 415)."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)

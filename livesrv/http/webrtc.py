@@ -21,14 +21,12 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from transcode.webrtc import WebRtcSettings, WhepService
-from transcode.webrtc_media import Unplayable
-from transcode.webrtc_sdp import OfferError
 
 from ..keys import HUB, SETTINGS
+from ..webrtc_offers import MAX_OFFER_BYTES, Refused
 from .auth import json_error
 
 WHEP = web.AppKey("whep", WhepService)
-MAX_OFFER_BYTES = 64 * 1024
 CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "Location",
@@ -66,7 +64,7 @@ async def offer(request: web.Request) -> web.Response:
     channel = request.match_info["channel"]
     try:
         answer = await request.app[WHEP].offer(channel, text)
-    except (OfferError, Unplayable) as exc:
+    except Refused as exc:
         headers = {"Retry-After": "1"} if exc.status == 503 else {}
         raise _error(exc.status, exc.reason, **headers) from None
     location = f"/whep/{channel}/{answer.session.id}"

@@ -19,11 +19,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from ingest.whip import WhipBusy, WhipIngest, WhipSettings
-from ingest.whip_sdp import MAX_OFFER_BYTES, OfferError
 from transcode.webrtc import WebRtcSettings
 from transcode.webrtc_sdp import add_public_candidates
 
 from ..keys import HUB, SETTINGS
+from ..webrtc_offers import MAX_OFFER_BYTES, OfferError
 from .auth import ACCOUNTS, json_error
 
 WHIP_INGEST = web.AppKey("whip_ingest", WhipIngest)
