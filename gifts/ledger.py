@@ -252,11 +252,9 @@ class Ledger:
                     # another node recorded one of these keys (with other accounts) after our
                     # look-up: start again, the look-up will see it
                     raise _RetryBatch("key recorded concurrently")
-                await self._sql.insert_entries(tx, [
+                await self._sql.record(tx, [
                     (ids[r.key], account, amount, counterparty)
-                    for r in plan.accepted for account, amount, counterparty in r.lines])
-                if plan.deltas:
-                    await self._sql.add_to_balances(tx, plan.deltas)
+                    for r in plan.accepted for account, amount, counterparty in r.lines], plan.deltas)
         if len(self._known_accounts) > _KNOWN_ACCOUNTS_MAX:
             self._known_accounts.clear()
         self._known_accounts.update(accounts)
