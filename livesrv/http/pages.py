@@ -341,26 +341,26 @@ async def login_page(request: web.Request) -> web.Response:
                      user_name=user.username if user else None, script="js/login.js")
 
 
-@routes.get("/studio")
-async def studio(request: web.Request) -> web.Response:
+async def _anchor_page(request: web.Request, name: str, title: str, *, player: bool = False) -> web.Response:
+    """One of a logged-in user's own pages (``/NAME``, template and script of that name, about
+    their channel); the login page first for anyone else."""
     site = request.app[WEB_APP]
     user = await optional_user(request)
     if user is None:
-        raise web.HTTPFound("/login?next=/studio")
-    body = site.templates.render("studio", channel=user.channel)
-    return site.page(request, name="studio", title="Go live · livesrv", body=body,
-                     user_name=user.username, script="js/studio.js", player=True)
+        raise web.HTTPFound(f"/login?next=/{name}")
+    body = site.templates.render(name, channel=user.channel)
+    return site.page(request, name=name, title=title, body=body, user_name=user.username,
+                     script=f"js/{name}.js", player=player)
+
+
+@routes.get("/studio")
+async def studio(request: web.Request) -> web.Response:
+    return await _anchor_page(request, "studio", "Go live · livesrv", player=True)
 
 
 @routes.get("/golive")
 async def golive(request: web.Request) -> web.Response:
-    site = request.app[WEB_APP]
-    user = await optional_user(request)
-    if user is None:
-        raise web.HTTPFound("/login?next=/golive")
-    body = site.templates.render("golive", channel=user.channel)
-    return site.page(request, name="golive", title="Go live from the browser · livesrv", body=body,
-                     user_name=user.username, script="js/golive.js")
+    return await _anchor_page(request, "golive", "Go live from the browser · livesrv")
 
 
 @routes.get("/static/vendor/{name}")
