@@ -1,5 +1,6 @@
 """Rooms on this node: each subscribes to its bus topic while it has sockets, keeps history,
-applies moderation and fans events out (encoded once per room, then queued per socket)."""
+applies moderation and fans events out (encoded once per room into one frame, written to every
+socket; see ``chat/fanout.py``)."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from livesrv.config import ConfigError
 from livesrv.hub import Hub, Stream
 from livesrv.media import Packet
-from livesrv.webrtc_offers import OfferError
+from livesrv.webrtc_offers import OfferError, Refused
 
 from .whip_media import PublicationAssembler, Start
 from .whip_sdp import OfferSummary, check_offer
@@ -105,8 +105,11 @@ class WhipSettings:
             raise ConfigError("[whip] transcode_bitrate must be between 100000 and 50000000 b/s")
 
 
-class WhipBusy(RuntimeError):
-    """Too many sessions already."""
+class WhipBusy(Refused):
+    """Too many sessions already (503)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(503, reason)
 
 
 class _FrameTap(queue.Queue):  # type: ignore[type-arg]

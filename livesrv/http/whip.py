@@ -18,12 +18,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from aiohttp import web
 
-from ingest.whip import WhipBusy, WhipIngest, WhipSettings
+from ingest.whip import WhipIngest, WhipSettings
 from transcode.webrtc import WebRtcSettings
 from transcode.webrtc_sdp import add_public_candidates
 
 from ..keys import HUB, SETTINGS
-from ..webrtc_offers import MAX_OFFER_BYTES, OfferError
+from ..webrtc_offers import MAX_OFFER_BYTES, Refused
 from .auth import ACCOUNTS, json_error
 
 WHIP_INGEST = web.AppKey("whip_ingest", WhipIngest)
@@ -89,10 +89,8 @@ async def whip_publish(request: web.Request) -> web.Response:
         raise json_error(400, "the SDP offer is not UTF-8 text") from None
     try:
         session = await request.app[WHIP_INGEST].publish(channel, offer)
-    except OfferError as exc:
+    except Refused as exc:  # a bad offer (400), or too many publishers (WhipBusy, 503)
         raise json_error(exc.status, exc.reason) from None
-    except WhipBusy as exc:
-        raise json_error(503, str(exc)) from None
     location = f"/whip/{session.id}"
     return web.Response(status=201, body=session.answer.encode(), content_type=SDP_TYPE,
                         headers={"Location": location, "ETag": f'"{session.id}"'})
