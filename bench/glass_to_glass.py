@@ -52,6 +52,7 @@ import av
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.browser import CHROMIUM_LAUNCHER  # noqa: E402
 from tests.support.publish import RtmpPublisher, read_stamp  # noqa: E402  (path set just above)
 from tests.support.server import ServerProcess, get_json  # noqa: E402
 
@@ -359,7 +360,7 @@ def main() -> int:
             wait_live(server, "glass", publisher)
             time.sleep(args.warmup)
             with sync_playwright() as p:
-                browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+                browser = p.chromium.launch(executable_path=CHROMIUM_LAUNCHER, args=CHROMIUM_ARGS)
                 try:
                     for mode in modes:
                         results.append(measure(browser, server, "glass", mode, args))

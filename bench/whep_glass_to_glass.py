@@ -101,7 +101,7 @@ def main() -> int:
             try:
                 g2g.wait_live(server, channel, publisher)
                 with sync_playwright() as p:
-                    browser = p.chromium.launch(executable_path=g2g.CHROMIUM, args=g2g.CHROMIUM_ARGS)
+                    browser = p.chromium.launch(executable_path=g2g.CHROMIUM_LAUNCHER, args=g2g.CHROMIUM_ARGS)
                     try:
                         result = measure(browser, server, channel, args)
                     finally:

@@ -14,15 +14,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.browser import CHROMIUM_ARGS, CHROMIUM_LAUNCHER
 from tests.support.server import ServerProcess, get_json
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 PLAYER_STATE = """() => {
   const p = window.livesrvPlayer, hls = p.hls;
@@ -40,7 +38,7 @@ PLAYER_STATE = """() => {
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     with playwright_sync.sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = p.chromium.launch(executable_path=CHROMIUM_LAUNCHER, args=CHROMIUM_ARGS)
         yield chromium
         chromium.close()
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, require_browser
+from tests.support.browser import CHROMIUM_ARGS, CHROMIUM_LAUNCHER, require_browser
 from tests.support.publish import add_channel, http_get, parse_media_playlist, parse_multivariant
 from tests.support.server import ServerProcess, get_json
 from tests.support.wait import wait_for
@@ -31,7 +31,7 @@ def camera_browser() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[*CHROMIUM_ARGS, *FAKE_MEDIA])
+        browser = p.chromium.launch(executable_path=CHROMIUM_LAUNCHER, args=[*CHROMIUM_ARGS, *FAKE_MEDIA])
         try:
             yield browser
         finally:

@@ -25,6 +25,10 @@ from livesrv.hub import Hub
 REPO = Path(__file__).resolve().parents[2]
 HLS_JS = REPO / "web" / "node_modules" / "hls.js" / "dist" / "hls.min.js"
 CHROMIUM = "/usr/bin/chromium"
+#: what Playwright launches: as root, Chromium without CAP_SYS_NICE (see the script: real-time
+#: threads once hung a run); as anyone else, Chromium itself
+CHROMIUM_LAUNCHER = (str(REPO / "tests" / "support" / "chromium-no-realtime") if os.geteuid() == 0
+                     else CHROMIUM)
 #: as root in a container, without a GPU, and without the background traffic a closed network refuses
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -48,7 +52,7 @@ def chromium() -> Iterator[Any]:
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM_LAUNCHER, args=CHROMIUM_ARGS)
         try:
             yield browser
         finally:
