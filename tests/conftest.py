@@ -96,3 +96,13 @@ def server(tmp_path: Path) -> Iterator[ServerProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def normal_scheduling() -> None:
+    """Each test starts at normal priority, and so does everything it starts (a scheduling
+    policy is inherited). The test process was once found at SCHED_FIFO 99 partway through a
+    run, by a cause not yet found; the Chromium it then launched spun at that priority while
+    exiting and could not be killed, and the run hung."""
+    if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
