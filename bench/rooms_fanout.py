@@ -18,10 +18,10 @@ no reason to ping (and then drop) viewers that do not parse.
 
 Why the probes' latency stands for every viewer's:
 
-- the server writes a room's frame to every socket in the same loop pass, one after another,
-  in the order the viewers joined; the probes are spread evenly through that order (every K-th
-  viewer of every worker, and the workers connect side by side), so they see the early, middle
-  and late writes of each pass in proportion;
+- the server goes round a room's sockets in the order the viewers joined, a chunk at a time;
+  the probes are spread evenly through that order (every K-th viewer of every worker, and the
+  workers connect side by side), so they see the early, middle and late chunks of each round in
+  proportion;
 - a probe costs the server exactly what any viewer costs (same bytes out, same keepalives in);
   only the reading side differs, and that is the load generator's own cost;
 - probes are spread over the workers and over the nodes like the others.
@@ -147,6 +147,14 @@ def metric_total(url: str, name: str) -> float:
 
 def shed_total(url: str) -> float:
     return metric_total(url, "livesrv_chat_shed_total")
+
+
+def bus_lag(url: str) -> tuple[float, float, float]:
+    """(messages received from other nodes, their summed lag, those later than 100 ms) so far."""
+    return (metric_total(url, "livesrv_bus_lag_seconds_count"),
+            metric_total(url, "livesrv_bus_lag_seconds_sum"),
+            metric_total(url, "livesrv_bus_lag_seconds_count")
+            - metric_total(url, 'livesrv_bus_lag_seconds_bucket{le="0.1"}'))
 
 
 def flush_totals(url: str) -> tuple[float, float]:
@@ -396,6 +404,8 @@ def main() -> None:
     parser.add_argument("--drain", type=float, default=3.0, help="seconds to wait after sending")
     parser.add_argument("--sample-rate", type=float, default=None,
                         help="override [chat] sample_rate (default: the server's)")
+    parser.add_argument("--chat", action="append", default=[], metavar="KEY=VALUE",
+                        help="another [chat] setting for the servers (TOML value), repeatable")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and server logs")
     parser.add_argument("--redis", default=None, help="redis URL (two-node mode)")
     parser.add_argument("--nodes", type=int, default=1)
@@ -414,6 +424,7 @@ def main() -> None:
     chat = ["[chat]", f"rate = {max(args.rate, 1.0) * 2:.1f}", f"burst = {int(args.rate) + 100}"]
     if args.sample_rate is not None:
         chat.append(f"sample_rate = {args.sample_rate}")
+    chat += [setting.replace("=", " = ", 1) for setting in args.chat]
     config = tmp / "bench.toml"
     config.write_text("\n".join(chat) + "\n")
     database = f"sqlite://{tmp / 'shared.db'}" if args.nodes > 1 else None
@@ -464,6 +475,7 @@ def main() -> None:
         sender_urls = [ws_urls[i % len(ws_urls)] + f"?token={tok}" for i, tok in enumerate(tokens)]
         shed0 = [shed_total(s.url) for s in servers]
         flush0 = [flush_totals(s.url) for s in servers]
+        lag0 = [bus_lag(s.url) for s in servers]
         cpu0 = [proc_cpu(pid) for pid in pids]
         w0 = time.monotonic()
         go.set()
@@ -481,6 +493,8 @@ def main() -> None:
         shed = [shed_total(s.url) - before for s, before in zip(servers, shed0, strict=True)]
         flushes = [(n1 - n0, t1 - t0) for (n0, t0), (n1, t1)
                    in zip(flush0, (flush_totals(s.url) for s in servers), strict=True)]
+        lags = [tuple(b - a for a, b in zip(before, bus_lag(s.url), strict=True))
+                for s, before in zip(servers, lag0, strict=True)]
 
         hist: dict[int, int] = {}
         timed = frames = dropped = probe_closes = received = 0
@@ -544,6 +558,10 @@ def main() -> None:
             per = f"{seconds / count * 1e3:.1f}" if count else "-"
             print(f"| {i} | {(cpu1[i] - cpu0[i]) / wall * 100:.0f} | {mems[i][0] / 1024:.0f} "
                   f"| {mems[i][1] / 1024:.0f} | {count / window:.1f} | {per} |")
+        if args.nodes > 1:
+            print("bus lag (messages from the other nodes), per node: " + ", ".join(
+                f"{i}: {n:.0f} msgs, mean {total / n * 1e3:.1f} ms, {late:.0f} over 100 ms"
+                if n else f"{i}: none" for i, (n, total, late) in enumerate(lags)))
         if by_second:  # at most ~20 columns: a growing mean means a backlog
             first = min(by_second)
             width = max(1, math.ceil((max(by_second) - first + 1) / 20))

@@ -1,17 +1,19 @@
-"""A room's outbound side: every socket gets the very same frame bytes, written in one pass.
+"""A room's outbound side: the sockets of a chunk get the very same frame bytes.
 
-The room collects encoded events and, once per flush, joins them into one frame (a single event,
-or ``{"type":"batch","events":[...]}``), builds the WebSocket frame once and writes that ``bytes``
-object to every viewer's transport. Per viewer and per flush the work is one buffer-size check
-and one ``transport.write``: no per-socket queue, task, copy or encoding.
+The room (``chat/room.py``) joins the events a chunk of its sockets is owed into one frame (a
+single event, or ``{"type":"batch","events":[...]}``), builds the WebSocket frame once and
+writes that ``bytes`` object to every transport of the chunk. Per viewer and per frame the work
+is one buffer-size check and one ``transport.write``: no per-socket queue, task, copy or
+encoding.
 
 The room never waits for a socket. A transport whose write buffer (what the kernel would not
 take yet) is past ``send_buffer`` bytes is a slow viewer: it is aborted, and the room moves on.
 
-Almost all of a flush's time is the kernel's: one ``write(2)`` per socket (~8 µs on loopback,
-where the receiving side's TCP work is done in the sender's call). :class:`Writer` spreads the
-writes of a big room over threads: ``os.write`` releases the GIL, so the kernel work runs on
-several cores while the event loop waits for the flush, as it would for the plain loop.
+Almost all of the time is the kernel's: one ``write(2)`` per socket (~8 µs on loopback, where
+the receiving side's TCP work is done in the sender's call). :class:`Writer` can spread a
+chunk's writes over threads (``[chat] fanout_threads``): ``os.write`` releases the GIL, so the
+kernel work runs on several cores while the event loop waits for the chunk. On two cores shared
+with other work it did not help (docs/BENCHMARKS.md), so by default the loop's thread writes.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ log = logging.getLogger(__name__)
 class Seat:
     """One socket's place in a room: where its frames go, and whose socket it is."""
 
-    __slots__ = ("dropped", "fd", "transport", "user")
+    __slots__ = ("cursor", "dropped", "fd", "transport", "user")
 
     def __init__(self, transport: asyncio.WriteTransport, user: str | None = None) -> None:
         self.transport = transport
         self.user = user  # the logged-in username, for delivering their own sampled-out chat
         self.dropped = False
+        self.cursor = 0  # the number of the next room event this socket is owed (chat/room.py)
         #: the socket's descriptor, for direct writes while the transport holds nothing back;
         #: -1 where bytes must go through the transport (TLS, or no socket)
         self.fd = _plain_fd(transport)

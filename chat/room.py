@@ -10,7 +10,6 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import metrics
@@ -39,14 +38,6 @@ def _encode(event: dict[str, Any]) -> str:
     return json.dumps(event, separators=(",", ":"), ensure_ascii=False)
 
 
-#: after a frame that took T to write, the next waits at least _PACE * T: a node too busy for
-#: its rooms sends fewer, fuller frames rather than competing with itself. Measured at 10k
-#: viewers and 1,000 msg/s on two cores (bench/rooms_fanout.py): 0 (frames back to back) was
-#: the best p99 on one node but doubled it on two nodes sharing the cores; 1 (the rule before
-#: frames were chunked) was worst on one node; 0.5 held both near their best.
-_PACE = 0.5
-
-
 class RateMeter:
     """Events per second over the last whole second (cheap: two counters)."""
 
@@ -71,19 +62,23 @@ class RateMeter:
         return max(self.last_rate, float(self._count))
 
 
-@dataclass(eq=False, slots=True)
-class _Flight:
-    """A frame on its way to a room's seats: those of ``seats`` before ``written`` have it."""
-
-    seats: Sequence[Seat]
-    frame: bytes
-    events: int
-    started: float
-    written: int = 0
-
-
 class Room:
-    """One room on this node: its seats, history, sampler and the pending frame."""
+    """One room on this node: its seats, history, sampler and the events on their way out.
+
+    Delivery is a ring over the seats, not a frame per room: a *pass* walks the seats
+    ``flush_chunk`` at a time, one chunk per turn of the event loop, and each chunk is sent
+    every event that arrived since that chunk's last write, as one frame built once for the
+    chunk. An event that arrives while a pass is under way still reaches the chunks not written
+    yet in that pass, so a socket waits at most one pass period for an event (not a frame's
+    wait plus its whole write). Passes start at most once per ``batch_interval``: a quiet room
+    sends an event at once, a busy one a frame per socket per interval, and a room too big to
+    write in one interval goes round as fast as its writes allow.
+
+    Small chunks matter as much as the ring: everything an event goes through before it is in
+    the room (the sender's WebSocket, the bus from Redis) waits for the chunk being written.
+    At 10,000 viewers on two cores, 2,500-socket chunks (~25 ms) put 50-70 ms into the bus hop
+    alone; 250-socket chunks (~2 ms) halved the p99 (docs/BENCHMARKS.md).
+    """
 
     def __init__(self, channel: str, settings: ChatSettings, moderation: Moderation,
                  writer: Writer | None = None) -> None:
@@ -92,21 +87,25 @@ class Room:
         self.writer = writer
         self.moderation = moderation
         self.history = History(settings.history)
-        #: insertion-ordered, O(1) removal; iterated once per flush
+        #: insertion-ordered, O(1) removal; a pass walks a snapshot of it
         self.seats: dict[Seat, None] = {}
         #: a logged-in user's own seats: their chat is shown to them even when sampled out
         self.own_seats: dict[str, set[Seat]] = {}
         self.meter = RateMeter()
         self.shed = 0
         self._credit = 0.0  # the sampler's accumulator: keeps limit/rate of the chat events
-        self._pending: list[str] = []  # encoded events waiting for the next flush
-        #: authors' own copies of their shed messages: (index into _pending, text)
+        #: encoded events not yet written to every seat; ``_log[0]`` is event number ``_base``
+        #: (a seat's ``cursor`` is the number of the next event it is owed)
+        self._log: list[str] = []
+        self._base = 0
+        #: authors' own copies of their shed messages: (event number it goes before, text)
         self._own: dict[Seat, list[tuple[int, str]]] = {}
-        #: newcomers since the last flush: how many pending events their history covered
-        self._skip: dict[Seat, int] = {}
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self._next_flush = 0.0  # the monotonic time from which the next frame may go
-        self._in_flight: _Flight | None = None  # the frame being written, chunk by chunk
+        self._timer: asyncio.TimerHandle | None = None  # the next pass, when it must wait
+        self._next_pass = 0.0  # the monotonic time from which the next pass may start
+        self._pass: Sequence[Seat] = ()  # the seats of the pass under way, in order
+        self._pass_at = 0  # how many of them have been written
+        self._pass_started = 0.0
+        self._pass_floor = 0  # the end of the log when the pass began: every seat has it after
         self._next_chunk: asyncio.Handle | None = None
         self.last_viewers: int | None = None
         self.unsubscribe: Callable[[], None] | None = None
@@ -114,6 +113,11 @@ class Room:
         self.loading: asyncio.Future[None] | None = None
         #: set while the room has no seats: it is forgotten when this fires
         self.forget_timer: asyncio.TimerHandle | None = None
+
+    @property
+    def writing(self) -> bool:
+        """A pass is under way (written a chunk at a time)."""
+        return self._next_chunk is not None
 
     def on_bus(self, data: dict[str, Any]) -> None:
         kind = data.get("type")
@@ -143,110 +147,107 @@ class Room:
     def _deliver_to_author(self, event: dict[str, Any]) -> None:
         """Whoever sent a shed message still sees it (as danmaku apps do); nobody else does.
 
-        It goes into the author's own copy of the next frame, at its place among the room's
-        events (ids stay in order: a resume relies on them), instead of costing a flush."""
+        It goes into the author's own copy of their next frame, at its place among the room's
+        events (ids stay in order: a resume relies on them)."""
         seats = self.own_seats.get(event.get("user", ""))
         if not seats:
             return
-        entry = (len(self._pending), _encode(event))
+        entry = (self._base + len(self._log), _encode(event))
         for seat in seats:
             self._own.setdefault(seat, []).append(entry)
-        self._schedule()
+        self._wake()
 
     def deliver(self, event: dict[str, Any]) -> None:
-        """Encode once, into the next frame."""
-        self._pending.append(_encode(event))
-        self._schedule()
+        """Encode once, for every seat's next frame."""
+        self._log.append(_encode(event))
+        self._wake()
 
-    def _schedule(self) -> None:
-        """At most one frame per ``batch_interval``: an event in a quiet room goes out at once;
-        in a busy room the events of the interval share the next frame. (Batching is decided
-        by time, not by a measured rate: a flush to many sockets takes long enough that a rate
-        measured on flushed events would never look busy.) While a frame is still being
-        written, the next one waits for it: the last chunk schedules it."""
-        if self._flush_timer is not None or self._in_flight is not None:
+    def _wake(self) -> None:
+        """Start a pass now if the room may (an event in a quiet room goes out at once), or
+        when it may; nothing to do while one is under way (its end looks for more)."""
+        if self._timer is not None or self._next_chunk is not None:
             return
-        wait = self._next_flush - time.monotonic()
+        wait = self._next_pass - time.monotonic()
         if wait <= 0:
-            self.flush()
+            self._start_pass()
         else:
-            self._flush_timer = asyncio.get_running_loop().call_later(wait, self.flush)
+            self._timer = asyncio.get_running_loop().call_later(wait, self._start_pass)
 
-    def flush(self) -> None:
-        """The pending events as one frame, built once, written to every seat.
-
-        A big room's frame is written ``flush_chunk`` seats at a time, each chunk in its own
-        turn of the event loop: between chunks the loop reads chat, serves other rooms and
-        answers requests, instead of standing still for the whole frame (~120 ms for 10,000
-        sockets on two cores). Nothing else writes to a seat while its chunk is written (the
-        loop waits for the chunk's threads), so every frame reaches each socket whole and in
-        order."""
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        if self._in_flight is not None:
-            return  # the frame being written schedules the next one when it is done
-        if not self._pending and not self._own:
-            self._skip.clear()
-            return
-        started = time.monotonic()
-        self._next_flush = started + self.settings.batch_interval
-        events, self._pending = self._pending, []
-        own, self._own = self._own, {}
-        skip, self._skip = self._skip, {}
-        seats: tuple[Seat, ...] | list[Seat] = tuple(self.seats)  # a drop below changes seats
-        if own or skip:  # the few seats with a frame of their own (below) are left out here
-            seats = [seat for seat in seats if seat not in own and seat not in skip]
-        for seat in own.keys() | skip.keys():
-            if seat not in self.seats:
-                continue
-            first = skip.get(seat, 0)
-            merged = events[first:]
-            for index, text in reversed(own.get(seat, ())):  # from the back: indexes stay valid
-                merged.insert(index - first, text)
-            if merged:
-                seat.send(batch_text(merged))
-                metrics.FRAMES_OUT.inc()
-                metrics.MESSAGES_OUT.inc(len(merged))
-        if not events:
-            return
-        frame = text_frame(batch_text(events).encode())
-        self._in_flight = _Flight(seats, frame, len(events), started)
+    def _start_pass(self) -> None:
+        self._timer = None
+        self._pass_started = time.monotonic()
+        self._next_pass = self._pass_started + self.settings.batch_interval
+        self._pass = tuple(self.seats)  # joins and drops during the pass change self.seats
+        self._pass_at = 0
+        self._pass_floor = self._base + len(self._log)
         self._write_chunk()
 
     def _write_chunk(self) -> None:
-        flight = self._in_flight
-        if flight is None:  # the room was closed meanwhile
-            return
-        chunk = flight.seats[flight.written:flight.written + self.settings.flush_chunk]
-        flight.written += len(chunk)
-        if self.writer is not None:
-            slow = self.writer.write_all(chunk, flight.frame, self.settings.send_buffer)
+        """The next chunk of the pass: each seat gets the events since its last frame. Seats
+        that share a cursor (nearly all of a chunk) share one frame, built here once."""
+        start = self._pass_at
+        chunk = self._pass[start:start + self.settings.flush_chunk]
+        self._pass_at = start + len(chunk)
+        end = self._base + len(self._log)
+        seats, own = self.seats, self._own
+        groups: dict[int, list[Seat]] = {}
+        for seat in chunk:
+            cursor = seat.cursor
+            if (cursor == end and seat not in own) or seat not in seats:
+                continue
+            seat.cursor = end
+            if own and seat in own:
+                self._write_own(seat, cursor, own.pop(seat))
+            else:
+                group = groups.get(cursor)
+                if group is None:
+                    group = groups[cursor] = []
+                group.append(seat)
+        for cursor, group in groups.items():
+            events = self._log[cursor - self._base:]
+            self._write_frame(group, text_frame(batch_text(events).encode()), len(events))
+        if self._pass_at < len(self._pass):
+            self._next_chunk = asyncio.get_running_loop().call_soon(self._write_chunk)
         else:
-            slow = write_all(chunk, flight.frame, self.settings.send_buffer)
+            self._end_pass()
+
+    def _write_own(self, seat: Seat, cursor: int, own: list[tuple[int, str]]) -> None:
+        """A frame for one seat: the room's events since ``cursor`` with its author's own shed
+        messages in their places."""
+        merged = self._log[cursor - self._base:]
+        for number, text in reversed(own):  # from the back: the places stay valid
+            merged.insert(number - cursor, text)
+        seat.send(batch_text(merged))
+        metrics.FRAMES_OUT.inc()
+        metrics.MESSAGES_OUT.inc(len(merged))
+
+    def _write_frame(self, seats: Sequence[Seat], frame: bytes, events: int) -> None:
+        if self.writer is not None:
+            slow = self.writer.write_all(seats, frame, self.settings.send_buffer)
+        else:
+            slow = write_all(seats, frame, self.settings.send_buffer)
         for seat in slow:
             seat.drop(f"{seat.transport.get_write_buffer_size()} bytes unsent")
             self.remove(seat)
-        reached = len(chunk) - len(slow)
+        reached = len(seats) - len(slow)
         metrics.FRAMES_OUT.inc(reached)
-        metrics.BYTES_OUT.inc(reached * len(flight.frame))
-        metrics.MESSAGES_OUT.inc(reached * flight.events)
-        if flight.written < len(flight.seats):
-            self._next_chunk = asyncio.get_running_loop().call_soon(self._write_chunk)
-            return
+        metrics.BYTES_OUT.inc(reached * len(frame))
+        metrics.MESSAGES_OUT.inc(reached * events)
+
+    def _end_pass(self) -> None:
         self._next_chunk = None
-        self._in_flight = None
-        ended = time.monotonic()
-        metrics.FLUSH_SECONDS.observe(ended - flight.started)
-        self._next_flush = max(self._next_flush, ended + _PACE * (ended - flight.started))
-        if self._pending or self._own:
-            self._schedule()
+        self._pass = ()
+        # every seat has had the events up to the floor (those seated since were owed none)
+        del self._log[:self._pass_floor - self._base]
+        self._base = self._pass_floor
+        metrics.FLUSH_SECONDS.observe(time.monotonic() - self._pass_started)
+        if (self._log and self.seats) or self._own:
+            self._wake()  # what arrived during the pass, for the seats written before it came
 
     def seat_newcomer(self, seat: Seat) -> None:
-        """Seat someone who was just sent the history: the events pending now are in it (or
-        happened before they came), so their first frame starts after them."""
-        if self._pending:
-            self._skip[seat] = len(self._pending)
+        """Seat someone who was just sent the history: the events logged so far are in it (or
+        happened before they came), so they are owed only what comes next."""
+        seat.cursor = self._base + len(self._log)
         self.add(seat)
 
     def add(self, seat: Seat) -> None:
@@ -260,6 +261,7 @@ class Room:
         if seat not in self.seats:
             return False
         del self.seats[seat]
+        self._own.pop(seat, None)
         metrics.SOCKETS.dec()
         if seat.user is not None:
             own = self.own_seats.get(seat.user)
@@ -270,16 +272,15 @@ class Room:
         return True
 
     def close(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._next_chunk is not None:
             self._next_chunk.cancel()
             self._next_chunk = None
-        self._in_flight = None
-        self._pending.clear()
+        self._pass = ()
+        self._log.clear()
         self._own.clear()
-        self._skip.clear()
 
 
 class Rooms:

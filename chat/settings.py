@@ -16,9 +16,9 @@ class ChatSettings:
     history: int = 100  # chat messages kept per room for joiners and resumes
     send_buffer: int = 256 * 1024  # bytes a socket may leave unsent before it is dropped as too slow
     batch_interval: float = 0.1  # at most one frame per room per this many seconds
-    fanout_threads: int = 0  # threads writing a big room's frames (0: up to 4, one per core)
-    fanout_threshold: int = 2000  # sockets in a room from which its frames are written on threads
-    flush_chunk: int = 2500  # sockets a frame is written to per turn of the event loop
+    fanout_threads: int = 1  # threads writing a chunk's frames (0: one per core, up to 4)
+    fanout_threshold: int = 200  # sockets in a chunk from which its writes are spread over threads
+    flush_chunk: int = 250  # sockets written per turn of the event loop
     sample_rate: float = 100.0  # chat events/s per room past which delivery is sampled
     linger_seconds: float = 300.0  # a room without sockets stays subscribed (history current)
     viewers_interval: float = 3.0  # seconds between viewer-count checks

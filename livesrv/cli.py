@@ -48,6 +48,7 @@ def _setup_logging(level: str) -> None:
 async def _serve(settings: Settings) -> None:
     from aiohttp import web
 
+    from . import gc_policy
     from .app import create_app
 
     app = create_app(settings)
@@ -56,6 +57,7 @@ async def _serve(settings: Settings) -> None:
     host, port = settings.http_address
     site = web.TCPSite(runner, host, port, reuse_address=True)
     await site.start()
+    gc_policy.apply()  # after start-up: what exists now lives as long as the process
     log.info("HTTP listening on http://%s:%d (data in %s)", host, port, settings.data_dir.resolve())
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
