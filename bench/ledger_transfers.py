@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prometheus_client import REGISTRY
 
 from gifts.ledger import PLATFORM, Ledger, Leg, clearing, earnings, wallet
+from livesrv import gc_policy
 from livesrv.db import open_database
 
 ANCHOR = 1
@@ -92,6 +93,8 @@ async def fund(url: str, viewers: int) -> None:
 
 async def load(url: str, args: argparse.Namespace, worker: int) -> dict[str, Any]:
     """One process's share of the load; what it measured."""
+    if args.gc == "server":
+        gc_policy.apply()  # the collector settings of `livesrv serve`, where the ledger runs
     db = await open_database(url)
     ledger = await Ledger.open(db, max_batch=args.max_batch)
     concurrency = max(1, args.concurrency // args.processes)
@@ -197,6 +200,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-batch", type=int, default=1000)
+    parser.add_argument("--gc", choices=("server", "default"), default="server",
+                        help="the server's garbage-collector settings (livesrv/gc_policy.py) or "
+                        "CPython's defaults")
     args = parser.parse_args()
 
     scratch = schema = None
