@@ -102,9 +102,10 @@ async def viewer_process(url: str, channel: str, count: int) -> None:
 
 
 # -- the driver ---------------------------------------------------------------------------------------
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
+    return int(fields[11]) / TICKS, int(fields[12]) / TICKS
 
 
 class Helper:
@@ -161,7 +162,9 @@ def measure(server: ServerProcess, channel: str, viewers: int, clients: int,
             helper.close()
     packets = after["packets"] - before["packets"]
     lost = after["lost"] - before["lost"]
-    return {"viewers": viewers, "server_cpu": (cpu1 - cpu0) / (t1 - t0),
+    elapsed = t1 - t0
+    return {"viewers": viewers, "server_cpu": (sum(cpu1) - sum(cpu0)) / elapsed,
+            "server_user": (cpu1[0] - cpu0[0]) / elapsed, "server_system": (cpu1[1] - cpu0[1]) / elapsed,
             "mbps_per_viewer": (after["bytes"] - before["bytes"]) * 8 / (t1 - t0) / max(viewers, 1) / 1e6,
             "packets": packets, "lost": lost,
             "loss": lost / (packets + lost) if packets + lost else 0.0}
@@ -216,7 +219,8 @@ def main() -> int:
         per_viewer = (top["server_cpu"] - base) / top["viewers"]
         print(f"\nserver CPU with no viewer: {base:.3f} core")
         for r in loaded:
-            print(f"{r['viewers']:4d} viewers: server {r['server_cpu']:.3f} core, "
+            print(f"{r['viewers']:4d} viewers: server {r['server_cpu']:.3f} core "
+                  f"(user {r['server_user']:.3f}, kernel {r['server_system']:.3f}), "
                   f"{(r['server_cpu'] - base) / r['viewers'] * 1000:.1f} ms CPU/s per viewer, "
                   f"{r['mbps_per_viewer']:.2f} Mb/s per viewer, loss {r['loss']:.4%}")
         print(f"=> ~{(1 - base) / per_viewer:.0f} viewers per core at {per_viewer * 1000:.1f} ms/s per "

@@ -4,11 +4,15 @@ profile chosen from an offer, offer validation, public-address candidates."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from aioice.ice import StunProtocol
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.codecs.h264 import h264_depayload
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdtlstransport import State
 from aiortc.rtcrtpparameters import (
     RTCRtcpParameters,
     RTCRtpCodecParameters,
@@ -16,6 +20,7 @@ from aiortc.rtcrtpparameters import (
     RTCRtpSendParameters,
 )
 from aiortc.rtp import HeaderExtensionsMap, RtpPacket
+from pylibsrtp import Policy, Session
 
 from livesrv.annexb import START_CODE
 from livesrv.webrtc_offers import OfferError
@@ -151,14 +156,45 @@ def test_public_candidates_copy_host_candidates() -> None:
 
 
 # -- the lean RTP send loop (transcode/webrtc_sender.py) on a real aiortc RTCRtpSender ------------
-class _RecordingDtls:
-    """Stands in for the DTLS transport under an RTCRtpSender: what it is asked to send."""
+_SRTP_KEY = bytes(range(30))  # 16 bytes of key, 14 of salt (AES128_CM_SHA1_80)
+
+
+class _RecordingDtls(asyncio.DatagramProtocol):
+    """Stands in for a connected DTLS transport under an RTCRtpSender, with the state of aiortc's
+    that the lean loop uses: an SRTP session, and a nominated ICE pair whose protocol is
+    aioice's own on a real UDP socket. What arrives on the other end, decrypted, is in
+    ``sent``, and so is what aiortc's own path (``_send_rtp``: retransmissions) is given."""
 
     state = "connected"
+    _state = State.CONNECTED
     _stats_id = "transport_test"
 
     def __init__(self) -> None:
         self.sent: list[bytes] = []
+        self._tx_srtp = Session(Policy(key=_SRTP_KEY, ssrc_type=Policy.SSRC_ANY_OUTBOUND))
+        self._rx_srtp = Session(Policy(key=_SRTP_KEY, ssrc_type=Policy.SSRC_ANY_INBOUND))
+        self._RTCDtlsTransport__tx_bytes = 0
+        self._RTCDtlsTransport__tx_packets = 0
+        self.transport: Any = None
+
+    @classmethod
+    async def open(cls) -> _RecordingDtls:
+        loop = asyncio.get_running_loop()
+        dtls = cls()
+        receiving, _ = await loop.create_datagram_endpoint(lambda: dtls, local_addr=("127.0.0.1", 0))
+        _, protocol = await loop.create_datagram_endpoint(lambda: StunProtocol(None),  # type: ignore[arg-type]
+                                                          local_addr=("127.0.0.1", 0))
+        pair = SimpleNamespace(protocol=protocol, remote_addr=receiving.get_extra_info("sockname"))
+        dtls.transport = SimpleNamespace(_connection=SimpleNamespace(_nominated={1: pair}),
+                                         closers=(receiving, protocol.transport))
+        return dtls
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.sent.append(self._rx_srtp.unprotect(data))
+
+    def close(self) -> None:
+        for transport in self.transport.closers:
+            transport.close()
 
     def _register_rtp_sender(self, sender: object, parameters: object) -> None:
         pass
@@ -199,7 +235,7 @@ async def test_lean_sender_sends_aiortc_packets_and_answers_nacks() -> None:
               EncodedFrame([b"d" * 500], 3000, 500),
               EncodedFrame([b"e" * 700, b"f" * 20], 6000, 720)]
     track = _FrameList(frames)
-    dtls = _RecordingDtls()
+    dtls = await _RecordingDtls.open()
     sender = RTCRtpSender("video", dtls)  # type: ignore[arg-type]
     sender.replaceTrack(track)
     webrtc_sender.install(sender)
@@ -212,7 +248,7 @@ async def test_lean_sender_sends_aiortc_packets_and_answers_nacks() -> None:
                                       parameters={"apt": 102})],
         headerExtensions=extensions, muxId="v0", rtcp=RTCRtcpParameters(cname="test", mux=True)))
     async with asyncio.timeout(5):
-        while not track.stopped:  # noqa: ASYNC110 - the sender's task reads the track
+        while not track.stopped or len(dtls.sent) < 6:  # noqa: ASYNC110 - sent over UDP
             await asyncio.sleep(0.01)
     extension_map = HeaderExtensionsMap()
     extension_map.configure(RTCRtpSendParameters(headerExtensions=extensions))
@@ -228,6 +264,9 @@ async def test_lean_sender_sends_aiortc_packets_and_answers_nacks() -> None:
     stats = await sender.getStats()
     outbound = next(s for s in stats.values() if s.type == "outbound-rtp")
     assert (outbound.packetsSent, outbound.bytesSent) == (6, 3230)
+    # the DTLS transport's own counters (its getStats) count the encrypted packets
+    assert dtls._RTCDtlsTransport__tx_packets == 6
+    assert dtls._RTCDtlsTransport__tx_bytes == sum(len(p) + 10 for p in dtls.sent)  # + SRTP tag
 
     # a NACK for the second packet is answered from the history, as RTX (RFC 4588) by aiortc
     dtls.sent.clear()
@@ -236,3 +275,27 @@ async def test_lean_sender_sends_aiortc_packets_and_answers_nacks() -> None:
     assert rtx.payload_type == 103 and rtx.ssrc == sender._rtx_ssrc
     assert rtx.payload == packets[1].sequence_number.to_bytes(2, "big") + b"b" * 1000
     await sender.stop()
+    dtls.close()
+
+
+def test_the_senders_ntp_clock_is_aiortcs() -> None:
+    from aiortc import clock
+
+    before = clock.current_ntp_time()
+    ours = webrtc_sender.ntp_now()
+    after = clock.current_ntp_time()
+    assert before - (1 << 22) <= ours <= after + (1 << 22)  # within 1 ms of aiortc's
+
+
+def test_a_frames_datagrams_are_cut_into_runs_the_kernel_can_segment() -> None:
+    from transcode.udp_gso import segment_runs
+
+    # fragments of one size, a shorter last one: one run
+    assert segment_runs([1238] * 8 + [300]) == [(0, 9)]
+    # a STAP-A first (parameter sets), then a keyframe's fragments, then a small slice
+    assert segment_runs([60, 1238, 1238, 1238, 400, 900, 900]) == [(0, 1), (1, 5), (5, 7)]
+    # a larger packet after a run starts a new one; 64 segments at most, 65,507 bytes at most
+    assert segment_runs([500, 500, 800]) == [(0, 2), (2, 3)]
+    assert segment_runs([100] * 130) == [(0, 64), (64, 128), (128, 130)]
+    assert segment_runs([1238] * 60) == [(0, 52), (52, 60)]
+    assert segment_runs([]) == []

@@ -169,6 +169,7 @@ class VideoTrack(MediaStreamTrack):
         self.packetizer = packetizer
         self._backlog: int | None = None  # packets already queued when sending starts
         self._shift = 0
+        self._shift_ticks = 0
         self._last_pts: int | None = None
         self.frames = 0
         self.bytes = 0
@@ -189,12 +190,12 @@ class VideoTrack(MediaStreamTrack):
             frame = self.packetizer.frame(packet)
             if frame is None:
                 continue
-            if backlog and self._last_pts is not None:
-                self._shift += max(packet.pts - self._last_pts - 1, 0)
+            if backlog and self._last_pts is not None and packet.pts - self._last_pts > 1:
+                self._shift += packet.pts - self._last_pts - 1
+                # in RTP ticks, computed when it changes (Fraction arithmetic: not per frame)
+                self._shift_ticks = round(self._shift * self.packetizer.time_base * VIDEO_CLOCK)
             self._last_pts = packet.pts
-            timestamp = frame.timestamp
-            if self._shift:
-                timestamp -= round(self._shift * self.packetizer.time_base * VIDEO_CLOCK)
+            timestamp = frame.timestamp - self._shift_ticks
             self.frames += 1
             self.bytes += frame.size
             _VIDEO_BYTES_OUT.inc(frame.size)
