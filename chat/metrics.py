@@ -15,5 +15,6 @@ SHED = Counter("livesrv_chat_shed_total", "Chat events not delivered because a r
 REJECTED = Counter("livesrv_chat_rejected_total", "Chat messages refused, by reason", ["reason"])
 DROPPED_SOCKETS = Counter("livesrv_chat_dropped_sockets_total", "Sockets closed for being too slow")
 FLUSH_SECONDS = Histogram("livesrv_chat_flush_seconds",
-                          "One room frame written to all of the room's sockets on this node",
+                          "One round of a room over all of its sockets on this node (each "
+                          "chunk written what is new for it)",
                           buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
