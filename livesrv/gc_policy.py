@@ -56,5 +56,7 @@ def apply() -> None:
     gc.collect()  # what start-up left as garbage is not frozen with the rest
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
+    for generation in ("0", "1", "2"):  # exported from the start, at zero
+        PAUSES.labels(generation)
     if _observe not in gc.callbacks:
         gc.callbacks.append(_observe)

@@ -28,6 +28,8 @@ print(json.dumps({
     "before": before,
     "young_pauses": REGISTRY.get_sample_value(
         "livesrv_gc_pause_seconds_count", {"generation": "0"}),
+    "full_pauses": REGISTRY.get_sample_value(
+        "livesrv_gc_pause_seconds_count", {"generation": "2"}),
 }))
 """
 
@@ -41,3 +43,4 @@ def test_the_server_collects_young_rarely_freezes_start_up_and_times_every_pause
     assert seen["frozen"] >= seen["before"] * 0.9
     # 200,000 objects made: a few automatic young collections (not hundreds), plus ours, timed
     assert 2 <= seen["young_pauses"] <= 10
+    assert seen["full_pauses"] is not None, "every generation is exported from the start"
