@@ -244,13 +244,10 @@ class Room:
         if (self._log and self.seats) or self._own:
             self._wake()  # what arrived during the pass, for the seats written before it came
 
-    def seat_newcomer(self, seat: Seat) -> None:
+    def add(self, seat: Seat) -> None:
         """Seat someone who was just sent the history: the events logged so far are in it (or
         happened before they came), so they are owed only what comes next."""
         seat.cursor = self._base + len(self._log)
-        self.add(seat)
-
-    def add(self, seat: Seat) -> None:
         self.seats[seat] = None
         metrics.SOCKETS.inc()
         if seat.user is not None:
@@ -349,7 +346,7 @@ class Rooms:
             room.forget_timer.cancel()
             room.forget_timer = None
         seat.send(_encode({"type": "history", "events": room.history.since(since)}))
-        room.seat_newcomer(seat)  # the pending chat is in that history: not sent to it again
+        room.add(seat)  # what the room logged so far is in that history: not sent to it again
         return room
 
     def leave(self, room: Room, seat: Seat) -> None:

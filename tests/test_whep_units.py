@@ -299,3 +299,53 @@ def test_a_frames_datagrams_are_cut_into_runs_the_kernel_can_segment() -> None:
     assert segment_runs([100] * 130) == [(0, 64), (64, 128), (128, 130)]
     assert segment_runs([1238] * 60) == [(0, 52), (52, 60)]
     assert segment_runs([]) == []
+
+
+class _RelayLikeTransport:
+    """What aioice's TURN relay transport offers of a transport: ``sendto`` and
+    ``get_extra_info`` (no socket)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((data, addr))
+
+
+async def test_a_frame_goes_out_segmented_on_a_socket_and_one_by_one_through_a_relay() -> None:
+    from transcode.udp_gso import Sender
+
+    loop = asyncio.get_running_loop()
+    received: list[bytes] = []
+
+    class Receiver(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            received.append(data)
+
+    receiving, _ = await loop.create_datagram_endpoint(Receiver, local_addr=("127.0.0.1", 0))
+    sending, _ = await loop.create_datagram_endpoint(asyncio.DatagramProtocol,
+                                                     local_addr=("127.0.0.1", 0))
+    frame = [b"a" * 1200, b"b" * 1200, b"c" * 1200, b"d" * 70, b"e" * 900]
+    address = receiving.get_extra_info("sockname")
+    sender = Sender()
+    try:
+        sender.send(sending, address, frame)  # type: ignore[arg-type]
+        async with asyncio.timeout(5):
+            while len(received) < len(frame):  # noqa: ASYNC110 - the datagrams are in flight
+                await asyncio.sleep(0.01)
+        assert received == frame and sender.segmenting
+        relay = _RelayLikeTransport()
+        sender.send(relay, ("192.0.2.1", 3478), frame)  # type: ignore[arg-type]
+        assert relay.sent == [(datagram, ("192.0.2.1", 3478)) for datagram in frame]
+        sending.close()
+        await asyncio.sleep(0.05)  # closed: its descriptor is gone (and may be reused)
+        sender.send(sending, address, frame)  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        assert len(received) == len(frame) and sender.segmenting
+    finally:
+        sender.close()
+        receiving.close()
+        sending.close()
