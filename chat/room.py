@@ -1,6 +1,6 @@
 """Rooms on this node: each subscribes to its bus topic while it has sockets, keeps history,
-applies moderation and fans events out (encoded once per room into one frame, written to every
-socket; see ``chat/fanout.py``)."""
+applies moderation and fans events out (each encoded once, then written in rounds over the
+room's sockets, one frame per chunk of sockets: see ``Room`` and ``chat/fanout.py``)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ class ChatSettings:
     banned_words: list[str] = field(default_factory=list)  # case-insensitive substrings
     history: int = 100  # chat messages kept per room for joiners and resumes
     send_buffer: int = 256 * 1024  # bytes a socket may leave unsent before it is dropped as too slow
-    batch_interval: float = 0.1  # at most one frame per room per this many seconds
+    batch_interval: float = 0.1  # at most one round (a frame per socket) per room per this many seconds
     fanout_threads: int = 1  # threads writing a chunk's frames (0: one per core, up to 4)
     fanout_threshold: int = 200  # sockets in a chunk from which its writes are spread over threads
     flush_chunk: int = 250  # sockets written per turn of the event loop
