@@ -101,7 +101,10 @@ ENSURE_ACCOUNT = ("INSERT INTO ledger_balances (account, balance) VALUES (?, 0)"
 # than unpacking JSON rows in SQL (measured: 2 µs vs 3.5 µs an entry).
 SQLITE_ENSURE_ACCOUNTS = ("INSERT INTO ledger_balances (account, balance) SELECT value, 0 FROM json_each(?)"
                           " WHERE true ON CONFLICT (account) DO NOTHING")
-SQLITE_BALANCES = ("SELECT account, balance FROM ledger_balances"
+# One JSON object in one row, not a row per account: one step of SQLite for the whole batch.
+# The ledger's thread takes the GIL back after each step, each time behind the event loop
+# (which is answering the last batch's callers just then): 17 ms a batch as rows, 10 as one.
+SQLITE_BALANCES = ("SELECT json_group_object(account, balance) FROM ledger_balances"
                    " WHERE account IN (SELECT value FROM json_each(?))")
 SQLITE_POSTINGS = (f"SELECT {_POSTING_COLUMNS} FROM ledger_postings"
                    " WHERE key IN (SELECT value FROM json_each(?))")
@@ -160,8 +163,7 @@ class SqliteWriteStatements(WriteStatements):
 
     async def lock_balances(self, tx: Executor, accounts: Sequence[str]) -> dict[str, int]:
         # BEGIN IMMEDIATE already holds the database's one write lock: nothing to lock per row
-        rows = await tx.fetchall(SQLITE_BALANCES, json.dumps(list(accounts)))
-        return {row[0]: int(row[1]) for row in rows}
+        return json.loads(await tx.fetchval(SQLITE_BALANCES, json.dumps(list(accounts))))
 
     async def find_postings(self, tx: Executor, keys: Sequence[str]) -> dict[str, StoredPosting]:
         return stored_postings(await tx.fetchall(SQLITE_POSTINGS, json.dumps(list(keys))))
@@ -182,6 +184,12 @@ class SqliteWriteStatements(WriteStatements):
 
 class PostgresWriteStatements(WriteStatements):
     ensure_accounts_outside = True
+
+    async def ensure_accounts(self, executor: Executor, accounts: Sequence[str]) -> None:
+        # one statement, not one per account (a new wallet's first gift waits for this)
+        await executor.execute(
+            "INSERT INTO ledger_balances (account, balance) SELECT a, 0 FROM unnest(?::text[]) AS a"
+            " ORDER BY a ON CONFLICT (account) DO NOTHING", list(accounts))
 
     async def lock_balances(self, tx: Executor, accounts: Sequence[str]) -> dict[str, int]:
         # ORDER BY below FOR UPDATE: rows are locked in account order by every writer of every node
