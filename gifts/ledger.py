@@ -100,6 +100,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 Answer = Posting | BaseException
+_Item = tuple[Request, "asyncio.Future[Posting]", float]  # a post waiting: request, answer, time.monotonic()
 
 
 class Ledger:
@@ -116,7 +117,7 @@ class Ledger:
                                and isinstance(path, str) and usable_for(path) else None)
         self._max_batch = max_batch
         self._max_attempts = max_attempts
-        self._pending: collections.deque[tuple[Request, asyncio.Future[Posting]]] = collections.deque()
+        self._pending: collections.deque[_Item] = collections.deque()
         self._wakeup = asyncio.Event()
         self._closing = False
         self._writer: asyncio.Task[None] | None = None
@@ -153,16 +154,12 @@ class Ledger:
         checked_legs, checked_memo, memo_json, lines = validate(legs, key, kind, memo)
         if self._closing or self._writer is None:
             raise LedgerError("the ledger is closed")
-        started = time.monotonic()
         request = Request(key, kind, checked_legs, checked_memo, legs_signature(checked_legs), memo_json,
                           lines)
         future: asyncio.Future[Posting] = asyncio.get_running_loop().create_future()
-        self._pending.append((request, future))
+        self._pending.append((request, future, time.monotonic()))
         self._wakeup.set()
-        try:
-            return await future
-        finally:
-            metrics.WRITE_SECONDS.observe(time.monotonic() - started)
+        return await future
 
     async def _write_loop(self) -> None:
         while True:
@@ -178,12 +175,14 @@ class Ledger:
                 await self._write(items)
             except Exception as exc:  # never let the writer die: the next batch may well succeed
                 log.exception("ledger batch failed")
-                for _, future in items:
+                for _, future, _ in items:
                     if not future.done():
                         future.set_exception(exc)
+            answered = time.monotonic()
+            metrics.WRITE_SECONDS.observe_many([answered - started for _, _, started in items])
 
-    async def _write(self, items: list[tuple[Request, asyncio.Future[Posting]]]) -> None:
-        batch = [request for request, _ in items]
+    async def _write(self, items: list[_Item]) -> None:
+        batch = [request for request, _, _ in items]
         answers: dict[int, Answer] | None = None
         for attempt in range(self._max_attempts):
             try:
@@ -207,7 +206,7 @@ class Ledger:
                 answers = {id(batch[0]): exc}
                 break
         assert answers is not None
-        for request, future in items:
+        for request, future, _ in items:
             if not future.done():
                 answer = answers[id(request)]
                 if isinstance(answer, Posting):

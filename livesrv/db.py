@@ -130,13 +130,6 @@ SQLITE_PRAGMAS = (
     "PRAGMA synchronous=NORMAL",
     "PRAGMA foreign_keys=ON",
     "PRAGMA busy_timeout=5000",
-    # Checkpoint (copy the WAL back into the file, with two fsyncs) every 8,000 pages (32 MiB
-    # of WAL) rather than SQLite's 1,000. A page written by several commits in between is
-    # copied once, and the fsyncs come 8x less often: a ledger batch of 1,000 gifts (~1,600
-    # dirty pages) costs ~25 % less (docs/BENCHMARKS.md). The price: the WAL file grows to
-    # ~32 MiB, and the commit that checkpoints takes ~100 ms instead of ~50.
-    # Every connection must agree, or the one with the lowest threshold does the checkpoints.
-    "PRAGMA wal_autocheckpoint=8000",
 )
 
 
