@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import REGISTRY
 
-from gifts.ledger import PLATFORM, Ledger, Leg, clearing, earnings, wallet
+from gifts.ledger import MAX_BATCH, PLATFORM, Ledger, Leg, clearing, earnings, wallet
 from livesrv import gc_policy
 from livesrv.db import open_database
 
@@ -199,7 +199,8 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=10_000, help="distinct sending wallets")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured window")
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--max-batch", type=int, default=1000)
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help="the most posts a batch takes (default: the Ledger's)")
     parser.add_argument("--gc", choices=("server", "default"), default="server",
                         help="the server's garbage-collector settings (livesrv/gc_policy.py) or "
                         "CPython's defaults")
