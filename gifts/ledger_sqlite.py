@@ -75,7 +75,7 @@ class SqliteBatchWriter:
             for pragma in SQLITE_PRAGMAS:
                 conn.execute(pragma)
             # The entries of 10,000 wallets span thousands of pages; SQLite's default 2 MiB
-            # cache re-reads most of them every batch (64 MiB: ~15 % less a batch).
+            # cache re-reads most of them every batch (64 MiB: 10 to 15 % less a batch).
             conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
             self._conn = conn
         return self._conn
