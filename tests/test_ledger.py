@@ -437,3 +437,13 @@ def test_a_batch_is_decided_in_queue_order() -> None:
     refused = plan.answers[id(too_much)]
     assert isinstance(refused, InsufficientFunds) and (refused.balance, refused.needed) == (30, 31)
     assert plan.deltas == {SANDBOX: -100, wallet(1): 100 - 80, earnings(9): 64, PLATFORM: 16}
+
+
+def test_the_stored_legs_signature_never_changes() -> None:
+    """Postings store this text and replays compare against it: a new format would turn the replay
+    of an older key into a KeyConflict. Legs in any order give the same text."""
+    legs = [Leg(wallet(7), PLATFORM, 5), Leg(wallet(7), earnings(3), 20), Leg(SANDBOX, wallet(7), 100)]
+    expected = ('[["clearing:sandbox","wallet:7",100],["wallet:7","earnings:3",20],'
+                '["wallet:7","platform",5]]')
+    assert legs_signature(legs) == expected
+    assert legs_signature(tuple(reversed(legs))) == expected
