@@ -131,18 +131,25 @@ def proc_mem(pid: int) -> tuple[int, int]:
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
 
 
-def metric_total(url: str, name: str) -> float:
-    """The sum of a metric's samples on a node (NaN if the node does not answer)."""
+def metric_totals(url: str, *names: str) -> tuple[float, ...]:
+    """The sum of each metric's samples on a node, from one scrape (NaN if the node does not
+    answer)."""
     try:
         with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
             text = response.read().decode()
     except OSError:  # an overloaded server may not answer: the count is then unknown
-        return float("nan")
-    total = 0.0
+        return tuple(float("nan") for _ in names)
+    totals = dict.fromkeys(names, 0.0)
     for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.split()[-1])
-    return total
+        for name in names:
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                totals[name] += float(line.split()[-1])
+    return tuple(totals.values())
+
+
+def metric_total(url: str, name: str) -> float:
+    """The sum of a metric's samples on a node (NaN if the node does not answer)."""
+    return metric_totals(url, name)[0]
 
 
 def shed_total(url: str) -> float:
@@ -151,16 +158,17 @@ def shed_total(url: str) -> float:
 
 def bus_lag(url: str) -> tuple[float, float, float]:
     """(messages received from other nodes, their summed lag, those later than 100 ms) so far."""
-    return (metric_total(url, "livesrv_bus_lag_seconds_count"),
-            metric_total(url, "livesrv_bus_lag_seconds_sum"),
-            metric_total(url, "livesrv_bus_lag_seconds_count")
-            - metric_total(url, 'livesrv_bus_lag_seconds_bucket{le="0.1"}'))
+    count, total, on_time = metric_totals(url, "livesrv_bus_lag_seconds_count",
+                                          "livesrv_bus_lag_seconds_sum",
+                                          'livesrv_bus_lag_seconds_bucket{le="0.1"}')
+    return count, total, count - on_time
 
 
 def flush_totals(url: str) -> tuple[float, float]:
     """(flushes, seconds spent writing them) of a node's rooms so far."""
-    return (metric_total(url, "livesrv_chat_flush_seconds_count"),
-            metric_total(url, "livesrv_chat_flush_seconds_sum"))
+    count, seconds = metric_totals(url, "livesrv_chat_flush_seconds_count",
+                                   "livesrv_chat_flush_seconds_sum")
+    return count, seconds
 
 
 # ---------------------------------------------------------------- viewers (worker processes)
