@@ -51,8 +51,8 @@ def _observe(phase: str, info: dict[str, Any]) -> None:
 def apply() -> None:
     """Set the server's thresholds, freeze what exists now, and time every collection.
 
-    Call once the app is built and before it serves (what exists then lives as long as the
-    process)."""
+    Call once start-up is done, the app built and listening (what exists then lives as long as
+    the process): ``livesrv.cli`` calls it right after the HTTP site has started."""
     gc.collect()  # what start-up left as garbage is not frozen with the rest
     gc.freeze()
     gc.set_threshold(*THRESHOLDS)
