@@ -19,6 +19,7 @@ share equal the coins of every gift answered 200, and the ledger's audit is clea
 
     .venv/bin/python bench/gifts_http.py --seconds 10
     .venv/bin/python bench/gifts_http.py --database postgresql://postgres@127.0.0.1:5432/test
+    .venv/bin/python bench/gifts_http.py --writer thread    # the ledger writes in the server's process
 
 On PostgreSQL each run works in a schema of its own (``gifts_bench_PID``, replacing any
 ``schema=`` in the URL), dropped afterwards: the users and books of one run never meet the next.
@@ -52,6 +53,12 @@ GIFT_BIG = "lollipop"  # 10 coins: 7 to the anchor, 3 to the platform
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """The server's child processes (its ledger's writer)."""
+    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+            for child in (task / "children").read_text().split()]
 
 
 async def _connection(host: str, port: int, channel: str, token: str, name: str, gift: str,
@@ -165,6 +172,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--gift", default=GIFT, choices=[GIFT, GIFT_BIG])
+    parser.add_argument("--writer", choices=("process", "thread"), default="process",
+                        help="the server's [ledger] writer setting")
     args = parser.parse_args()
     schema = None
     if args.database:
@@ -172,7 +181,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="gifts-bench-") as tmp:
         config = Path(tmp) / "livesrv.toml"
-        config.write_text("[gifts]\nsandbox = true\n")
+        config.write_text(f'[gifts]\nsandbox = true\n[ledger]\nwriter = "{args.writer}"\n')
         server = ServerProcess(Path(tmp) / "server", database=args.database, config=str(config),
                                extra_args=["--log-level", "WARNING"])
         server.start(60)
@@ -196,9 +205,12 @@ def main() -> None:
             for proc in procs:
                 proc.start()
             time.sleep(max(0.0, start - time.time()))
+            helpers = children(pid)
             cpu0 = cpu_seconds(pid)
+            helpers0 = sum(cpu_seconds(child) for child in helpers)
             time.sleep(max(0.0, stop - time.time()))
             server_cpu = cpu_seconds(pid) - cpu0
+            helpers_cpu = sum(cpu_seconds(child) for child in helpers) - helpers0
             results = [out.get(timeout=120) for _ in procs]
             for proc in procs:
                 proc.join()
@@ -228,7 +240,9 @@ def main() -> None:
                        "p90": round(percentile(latencies, 0.90) * 1000, 2),
                        "p99": round(percentile(latencies, 0.99) * 1000, 2),
                        "max": round(latencies[-1] * 1000, 2) if latencies else None},
+        "writer": args.writer,
         "server_cpu_percent": round(100 * server_cpu / args.seconds, 1),
+        "ledger_writer_cpu_percent": round(100 * helpers_cpu / args.seconds, 1),
         "load_generator_cpu_percent": round(
             100 * sum(r["cpu"] for r in results) / (args.seconds + args.warmup + 1), 1),
         "server_metrics": batches,

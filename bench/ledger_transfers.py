@@ -10,14 +10,16 @@ or open loop with ``--rate`` (gifts started per second whatever the answers do, 
 same database (the several-nodes case; rate and concurrency are split between them).
 
 Reported: posts/s over the measured window, latency of ``post()`` (p50/p99/max), batch sizes
-(``livesrv_ledger_batch_size``), the CPU the bench processes used (event loop and SQLite
-thread together) and the machine's load average (the 2 cores are shared), then an audit of
-the books (the anchor's and platform's balances must equal the sum of what was sent).
+(``livesrv_ledger_batch_size``), the CPU used by the bench processes (event loop and SQLite
+thread together) and by their ledgers' writer processes, and the machine's load average (the 2
+cores are shared), then an audit of the books (the anchor's and platform's balances must equal
+the sum of what was sent).
 
     .venv/bin/python bench/ledger_transfers.py                                   # SQLite, temp dir
     .venv/bin/python bench/ledger_transfers.py --database postgresql://postgres@127.0.0.1:5432/test
     .venv/bin/python bench/ledger_transfers.py --rate 3000        # open loop: latency at a given load
     .venv/bin/python bench/ledger_transfers.py --processes 2      # two Ledgers (nodes), one anchor
+    .venv/bin/python bench/ledger_transfers.py --writer thread    # batches written in this process
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from prometheus_client import REGISTRY
 
-from gifts.ledger import MAX_BATCH, PLATFORM, Ledger, Leg, clearing, earnings, wallet
+from gifts.ledger import MAX_BATCH, PLATFORM, WRITERS, Ledger, Leg, clearing, earnings, wallet
 from livesrv import gc_policy
 from livesrv.db import open_database
 
@@ -72,6 +74,14 @@ def bucket_quantile(window: dict[float, float], q: float) -> float:
     return math.inf
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds a running process has used (0 without one): the ledger's writer process."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def run_loop(coroutine: Any) -> Any:
     try:
         import uvloop
@@ -96,7 +106,7 @@ async def load(url: str, args: argparse.Namespace, worker: int) -> dict[str, Any
     if args.gc == "server":
         gc_policy.apply()  # the collector settings of `livesrv serve`, where the ledger runs
     db = await open_database(url)
-    ledger = await Ledger.open(db, max_batch=args.max_batch)
+    ledger = await Ledger.open(db, max_batch=args.max_batch, writer=args.writer)
     concurrency = max(1, args.concurrency // args.processes)
     rate = args.rate / args.processes
     sent = [0]
@@ -146,11 +156,13 @@ async def load(url: str, args: argparse.Namespace, worker: int) -> dict[str, Any
         histogram_before = batch_histogram()
         measuring[0] = True
         cpu_before = os.times()
+        writer_before = process_cpu(ledger.writer_pid)
         started = time.perf_counter()
         await asyncio.sleep(args.seconds)
         measuring[0] = False
         elapsed = time.perf_counter() - started
         cpu_after = os.times()
+        writer_cpu = process_cpu(ledger.writer_pid) - writer_before
         histogram_after = batch_histogram()
         stop[0] = True
         await asyncio.gather(*tasks)
@@ -160,6 +172,7 @@ async def load(url: str, args: argparse.Namespace, worker: int) -> dict[str, Any
     return {
         "latencies": latencies, "elapsed": elapsed, "sent": sent[0],
         "cpu": cpu_after.user - cpu_before.user + cpu_after.system - cpu_before.system,
+        "writer_cpu": writer_cpu,
         "batches": {bound: count - histogram_before.get(bound, 0)
                     for bound, count in histogram_after.items()},
     }
@@ -201,6 +214,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
                         help="the most posts a batch takes (default: the Ledger's)")
+    parser.add_argument("--writer", choices=WRITERS, default="process",
+                        help="where batches are written (gifts.ledger.Ledger's writer setting)")
     parser.add_argument("--gc", choices=("server", "default"), default="server",
                         help="the server's garbage-collector settings (livesrv/gc_policy.py) or "
                         "CPython's defaults")
@@ -233,6 +248,7 @@ def main() -> None:
         latencies = sorted(x for r in results for x in r["latencies"])
         posts_per_second = sum(len(r["latencies"]) / r["elapsed"] for r in results)
         cpu = sum(r["cpu"] / r["elapsed"] for r in results)
+        writer_cpu = sum(r["writer_cpu"] / r["elapsed"] for r in results)
         window = {bound: sum(r["batches"].get(bound, 0) for r in results) for bound in results[0]["batches"]}
         batches = max(window[math.inf], 1)
         sent = sum(r["sent"] for r in results)
@@ -240,15 +256,16 @@ def main() -> None:
                      else f"closed loop, {args.concurrency} tasks")
         print(f"database            {'postgresql, schema ' + schema if schema else 'sqlite, temp file'}")
         print(f"load                {load_kind}, {args.processes} process(es), {args.viewers} wallets,"
-              f" 1 anchor, max_batch {args.max_batch}")
+              f" 1 anchor, max_batch {args.max_batch}, writer {args.writer}")
         print(f"posts/s             {posts_per_second:,.0f}  ({len(latencies)} posts in {args.seconds:.0f} s"
               " measured)")
         print(f"post() latency      p50 {percentile(latencies, 50) * 1e3:.1f} ms, "
               f"p99 {percentile(latencies, 99) * 1e3:.1f} ms, max {latencies[-1] * 1e3:.1f} ms")
         print(f"batches             {batches:.0f}, mean {len(latencies) / batches:.0f} posts, "
               f"p50 <= {bucket_quantile(window, 50):.0f}, p99 <= {bucket_quantile(window, 99):.0f}")
-        print(f"bench CPU           {cpu * 100:.0f} % of one core (event loops + SQLite threads),"
-              f" {posts_per_second / max(cpu, 1e-9):,.0f} posts per CPU-second")
+        print(f"bench CPU           {cpu * 100:.0f} % of one core in the bench's process(es) (event loop,"
+              f" SQLite thread), {writer_cpu * 100:.0f} % in writer process(es):"
+              f" {posts_per_second / max(cpu + writer_cpu, 1e-9):,.0f} posts per CPU-second")
         print(f"load average        {os.getloadavg()[0]:.2f} (other processes share the machine)")
         print(f"audit               ok={books.ok} postings={books.postings} "
               f"anchor+platform={anchor_and_platform} sent={sent}")

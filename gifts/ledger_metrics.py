@@ -58,6 +58,8 @@ INSUFFICIENT_FUNDS = Counter("livesrv_ledger_insufficient_funds_total",
 KEY_CONFLICTS = Counter("livesrv_ledger_key_conflicts_total", "Idempotency keys reused with other legs")
 BATCH_RETRIES = Counter("livesrv_ledger_batch_retries_total",
                         "Batch transactions retried (deadlock, serialization, key raced by another node)")
+WRITER_STARTS = Counter("livesrv_ledger_writer_starts_total",
+                        "Writer processes started (more than one: a writer stopped and was replaced)")
 BATCH_SIZE = Histogram("livesrv_ledger_batch_size", "Posts applied per batch transaction",
                        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000))
 WRITE_SECONDS = BatchHistogram("livesrv_ledger_write_seconds", "Time from post() to its answer",

@@ -47,15 +47,20 @@ def usable_for(path: str) -> bool:
 
 
 class SqliteBatchWriter:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, on_loop: bool = False) -> None:
+        """``on_loop``: run each batch on the calling (event loop's) thread, blocking it for the
+        batch: for the ledger's writer process, where nothing else needs the loop meanwhile."""
         self._path = path
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite")
+        self._thread = (None if on_loop else
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite"))
         self._conn: sqlite3.Connection | None = None  # opened, used and closed in the thread only
         self._known_accounts: set[str] = set()
 
     async def apply(self, batch: Sequence[Request]) -> tuple[Plan, dict[str, int], float]:
         """Decide and record the batch in one transaction; (plan, posting ids by key, time)."""
         try:
+            if self._thread is None:
+                return self._apply(batch)
             return await asyncio.get_running_loop().run_in_executor(self._thread, self._apply, batch)
         except sqlite3.IntegrityError as exc:
             raise IntegrityError(str(exc)) from exc
@@ -63,6 +68,9 @@ class SqliteBatchWriter:
             raise DatabaseError(str(exc)) from exc
 
     async def close(self) -> None:
+        if self._thread is None:
+            self._close()
+            return
         await asyncio.get_running_loop().run_in_executor(self._thread, self._close)
         self._thread.shutdown(wait=True)
 

@@ -66,6 +66,8 @@ class Executor(ABC):
 
 class Database(Executor):
     dialect: str  # "sqlite" or "postgresql"
+    #: what ``open_database`` opened, for another process to open the same (None: not shareable)
+    url: str | None = None
 
     @abstractmethod
     def transaction(self) -> contextlib.AbstractAsyncContextManager[Executor]:
@@ -335,10 +337,15 @@ class PostgresDatabase(Database):
 
 async def open_database(url: str) -> Database:
     """``sqlite:///path/to/file.db``, ``sqlite://:memory:`` or ``postgresql://…``."""
+    db: Database
     if url.startswith("sqlite://"):
         path = url.removeprefix("sqlite://")
         path = path[1:] if path.startswith("/") and path[1:] == ":memory:" else path
-        return await SqliteDatabase.connect(path or ":memory:")
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresDatabase.connect(url)
-    raise DatabaseError(f"unsupported database URL {url!r} (sqlite:///… or postgresql://…)")
+        db = await SqliteDatabase.connect(path or ":memory:")
+    elif url.startswith(("postgresql://", "postgres://")):
+        db = await PostgresDatabase.connect(url)
+    else:
+        raise DatabaseError(f"unsupported database URL {url!r} (sqlite:///… or postgresql://…)")
+    db.url = url
+    return db
+

@@ -334,19 +334,25 @@ async def assert_books_match(ledger: Ledger, db: Database, books: Books) -> None
     assert stored == {key: posting.id for key, posting in books.answers.items()}
 
 
-async def test_hundreds_of_concurrent_posters_keep_the_books(ledger: Ledger, db: Database) -> None:
-    books = Books()
-    await asyncio.gather(*(random_poster(ledger, books, task, rounds=8) for task in range(300)))
-    assert len(books.answers) > 300
-    assert any(p.kind == "gift" for p in books.answers.values())
-    await assert_books_match(ledger, db, books)
+@pytest.mark.parametrize("writer", ["process", "thread"])
+async def test_hundreds_of_concurrent_posters_keep_the_books(db: Database, writer: str) -> None:
+    ledger = await Ledger.open(db, writer=writer)
+    try:
+        assert ledger.writer == writer
+        books = Books()
+        await asyncio.gather(*(random_poster(ledger, books, task, rounds=8) for task in range(300)))
+        assert len(books.answers) > 300
+        assert any(p.kind == "gift" for p in books.answers.values())
+        await assert_books_match(ledger, db, books)
+    finally:
+        await ledger.close()
 
 
 async def test_sqlite_statement_path_keeps_the_books(tmp_path: Path) -> None:
     """The generic path (statement by statement through ``db``; what in-memory SQLite uses)."""
     for url in (f"sqlite:///{tmp_path / 'plain.db'}", "sqlite://:memory:"):
         db = await open_database(url)
-        ledger = await Ledger.open(db, sqlite_thread=False)
+        ledger = await Ledger.open(db, writer="statements")
         try:
             books = Books()
             await asyncio.gather(*(random_poster(ledger, books, task, rounds=6) for task in range(200)))

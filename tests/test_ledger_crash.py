@@ -50,12 +50,21 @@ async def worker(ledger, task):
 
 async def main(url):
     ledger = await Ledger.open(await open_database(url))
-    sys.stdout.write("ready\n")
+    sys.stdout.write(f"ready {ledger.writer_pid}\n")
     sys.stdout.flush()
     await asyncio.gather(*(worker(ledger, task) for task in range(64)))
 
 asyncio.run(main(sys.argv[1]))
 """
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan waits for init to reap it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
 
 
 async def test_sigkill_mid_load_loses_nothing_answered(database_url: str) -> None:
@@ -74,7 +83,9 @@ async def test_sigkill_mid_load_loses_nothing_answered(database_url: str) -> Non
             refused.add(fields[1])
 
     try:
-        assert (await asyncio.wait_for(child.stdout.readline(), 60)).strip() == b"ready"
+        ready = (await asyncio.wait_for(child.stdout.readline(), 60)).split()
+        assert ready[0] == b"ready"
+        writer_pid = int(ready[1])  # the ledger's writer process, the child's child
         while len(answered) < ANSWERS_BEFORE_KILL:
             line = await asyncio.wait_for(child.stdout.readline(), 60)
             assert line, "the child exited before it was killed"
@@ -85,6 +96,12 @@ async def test_sigkill_mid_load_loses_nothing_answered(database_url: str) -> Non
     for line in (await child.stdout.read()).splitlines():  # answered before the kill, still in the pipe
         take(line)
     assert await child.wait() == -signal.SIGKILL
+    # its writer sees its input close, answers into the void what it holds, and exits
+    for _ in range(200):
+        if not running(writer_pid):
+            break
+        await asyncio.sleep(0.05)
+    assert not running(writer_pid), "the ledger's writer outlived its process"
 
     db = await open_database(database_url)
     ledger = await Ledger.open(db)

@@ -350,4 +350,5 @@ def setup(app: web.Application) -> None:
     app[_CATALOG] = load_catalog(settings.catalog_path)
     app.add_routes(routes)
     app.cleanup_ctx.append(_wallet_lifetime)
-    add_readiness(app, "wallet", lambda: WALLET in app)
+    # ready once the wallet is up and its ledger can write (a writer process runs)
+    add_readiness(app, "wallet", lambda: WALLET in app and app[WALLET].ledger.writing)
