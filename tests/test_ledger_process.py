@@ -1,7 +1,6 @@
 """The ledger's writer process (``gifts.ledger_process``) on a real SQLite file and a real
 PostgreSQL schema: killed in the middle of a flood of posts, it fails exactly the posts it had
-not answered, the next post starts a new one, and posting the failed keys again records each
-once."""
+not answered, a new one starts, and posting the failed keys again records each once."""
 
 from __future__ import annotations
 
