@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
 
 from livesrv.db import SQLITE_PRAGMAS, DatabaseError, IntegrityError
 
@@ -84,7 +85,12 @@ class Checkpointer:
 
     def __init__(self, path: str) -> None:
         self._conn = _connect(path)
-        self._index = os.open(f"{path}-shm", os.O_RDONLY)  # made by the connection above
+        filename = urlsplit(path).path if path.startswith("file:") else path
+        try:
+            self._index = os.open(f"{filename}-shm", os.O_RDONLY)  # made by the connection above
+        except OSError:
+            self._conn.close()
+            raise
         self._wanted = threading.Event()
         self._lock = threading.Lock()  # one checkpoint at a time (SQLite answers another with BUSY)
         self._stopping = False
@@ -143,7 +149,12 @@ class SqliteBatchWriter:
         self._path = path
         self._thread = (None if on_loop else
                         ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-sqlite"))
-        self._checkpointer = Checkpointer(path) if on_loop else None
+        self._checkpointer: Checkpointer | None = None
+        if on_loop:
+            try:
+                self._checkpointer = Checkpointer(path)
+            except OSError as exc:  # no wal-index file to read: SQLite checkpoints in the commits
+                log.warning("the ledger's checkpointer is off (%s)", exc)
         self._conn: sqlite3.Connection | None = None  # opened, used and closed in the thread only
         self._known_accounts: set[str] = set()
 

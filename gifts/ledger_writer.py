@@ -33,6 +33,7 @@ from .ledger_wire import READY, FrameReader, decode_requests, encode_answers, fr
 
 log = logging.getLogger("gifts.ledger_writer")
 _READ_SIZE = 1 << 20
+_DRAIN_TRIES = 3000  # 30 s for the server to read the last answers
 
 
 class _ServedLedger(Ledger):
@@ -91,6 +92,12 @@ async def serve(url: str, writer: str, max_batch: int, max_attempts: int) -> Non
     finally:
         await ledger.close()
         await db.close()
+        # the last answers may still sit in the transport's buffer (a full pipe): hand them over
+        # before the loop, and this process, end
+        for _ in range(_DRAIN_TRIES):
+            if not output.get_write_buffer_size() or output.is_closing():
+                break
+            await asyncio.sleep(0.01)
         output.close()
 
 

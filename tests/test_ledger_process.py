@@ -81,8 +81,9 @@ async def test_close_stops_the_writer(db: Database) -> None:
     ledger = await Ledger.open(db)
     pid = ledger.writer_pid
     assert pid is not None
-    posts = [asyncio.ensure_future(ledger.post([Leg(SANDBOX, wallet(1), 1)], key=f"r{i}", kind="recharge"))
-             for i in range(50)]
+    # enough that the last batch's answers overflow the pipe (64 KiB) and wait in the writer
+    posts = [asyncio.ensure_future(ledger.post([Leg(SANDBOX, wallet(i), 1)], key=f"r{i}", kind="recharge"))
+             for i in range(5000)]
     await asyncio.sleep(0)
     await ledger.close()  # answers what was queued first
     assert all(isinstance(post.result(), Posting) for post in posts)
