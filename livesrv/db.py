@@ -368,4 +368,3 @@ async def open_database(url: str) -> Database:
         raise DatabaseError(f"unsupported database URL {url!r} (sqlite:///… or postgresql://…)")
     db.url = url
     return db
-
