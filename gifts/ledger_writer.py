@@ -49,7 +49,12 @@ class _ServedLedger(Ledger):
 
     def _deliver(self, items: Sequence[Any], outcome: tuple[Plan, dict[str, int], float] | BaseException,
                  retries: int) -> None:
-        self._output.write(encode_answers([request for request, _, _ in items], outcome, retries))
+        if self._output.is_closing():  # the server is gone: nobody to answer (the batch is committed)
+            return
+        try:
+            self._output.write(encode_answers([request for request, _, _ in items], outcome, retries))
+        except (OSError, RuntimeError) as exc:
+            log.warning("could not answer a batch of %d: %s", len(items), exc)
 
 
 async def serve(url: str, writer: str, max_batch: int, max_attempts: int) -> None:
@@ -90,8 +95,10 @@ async def serve(url: str, writer: str, max_batch: int, max_attempts: int) -> Non
     try:
         await finished
     finally:
-        await ledger.close()
-        await db.close()
+        try:
+            await ledger.close()
+        finally:
+            await db.close()
         # the last answers may still sit in the transport's buffer (a full pipe): hand them over
         # before the loop, and this process, end
         for _ in range(_DRAIN_TRIES):
@@ -115,12 +122,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s ledger-writer[{os.getpid()}] %(levelname)s %(message)s")
+    status = 0
     try:
-        import uvloop
-    except ImportError:
-        asyncio.run(serve(url, args.writer, args.max_batch, args.max_attempts))
-    else:
-        uvloop.run(serve(url, args.writer, args.max_batch, args.max_attempts))
+        try:
+            import uvloop
+        except ImportError:
+            asyncio.run(serve(url, args.writer, args.max_batch, args.max_attempts))
+        else:
+            uvloop.run(serve(url, args.writer, args.max_batch, args.max_attempts))
+    except BaseException:
+        log.exception("the ledger's writer failed")
+        status = 1
+    finally:
+        # Never linger: a worker thread left behind (a store connection's, had closing failed)
+        # would keep the interpreter from exiting, and an orphan writer holds the database open.
+        # Everything committed is on disk; a transaction cut short is rolled back by the store.
+        logging.shutdown()
+        os._exit(status)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ the tests that need it instead of skipping them."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -106,3 +109,43 @@ def normal_scheduling() -> None:
     exiting and could not be killed, and the run hung."""
     if hasattr(os, "sched_getscheduler") and os.sched_getscheduler(0) != os.SCHED_OTHER:
         os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+
+
+#: every process this test session starts inherits it: how to tell ours from another session's
+SESSION_MARK = f"LIVESRV_TEST_SESSION={uuid.uuid4().hex}"
+os.environ["LIVESRV_TEST_SESSION"] = SESSION_MARK.split("=", 1)[1]
+
+
+def _our_ledger_writers() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if b"gifts.ledger_writer" not in (proc / "cmdline").read_bytes():
+                continue
+            if SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0"):
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return pids
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_ledger_writer_outlives_the_tests() -> Iterator[None]:
+    """Every ledger writer process a test started (in a ledger, a server, a server it killed)
+    has exited by the end of the session: an orphan writer would hold a database open for ever."""
+    yield
+    if not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + 15
+    left = _our_ledger_writers()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _our_ledger_writers()
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"ledger writer processes outlived their servers: {left}"

@@ -54,7 +54,8 @@ async def main(url):
     sys.stdout.flush()
     await asyncio.gather(*(worker(ledger, task) for task in range(64)))
 
-asyncio.run(main(sys.argv[1]))
+import uvloop
+uvloop.run(main(sys.argv[1]))  # as `livesrv serve` runs: its subprocess pipes are socket pairs
 """
 
 
