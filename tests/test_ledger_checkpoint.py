@@ -4,9 +4,11 @@ database file receives its pages, and the WAL still starts over instead of growi
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -40,16 +42,24 @@ def write_without_pause(path: Path, checkpointer: Checkpointer | None, batches: 
     return int((path.parent / (path.name + "-wal")).stat().st_size / FRAME)
 
 
-def test_the_wal_starts_over_under_a_writer_that_never_pauses(tmp_path: Path,
-                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger_sqlite, "WAL_RESTART_FRAMES", 500)
+@contextlib.contextmanager
+def checkpointed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                 restart_frames: int) -> Iterator[tuple[Path, Checkpointer]]:
+    """A new WAL database and a Checkpointer for it, restarting the WAL past ``restart_frames``."""
+    monkeypatch.setattr(ledger_sqlite, "WAL_RESTART_FRAMES", restart_frames)
     path = tmp_path / "busy.db"
     sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").connection.close()
     checkpointer = Checkpointer(str(path))
     try:
-        peak = write_without_pause(path, checkpointer, batches=400)
+        yield path, checkpointer
     finally:
         checkpointer.close()
+
+
+def test_the_wal_starts_over_under_a_writer_that_never_pauses(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    with checkpointed(tmp_path, monkeypatch, restart_frames=500) as (path, checkpointer):
+        peak = write_without_pause(path, checkpointer, batches=400)
     # ~120,000 rows of ~130 bytes: ~4,000 pages of table, each batch dirtying hundreds of them
     assert peak < 2000, peak  # the limit and one batch (each dirties up to ~600 pages)
     assert path.stat().st_size > 8 * 1024 * 1024  # the checkpointer copied the pages home
@@ -62,24 +72,14 @@ def test_without_the_writer_waiting_the_wal_keeps_growing(tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Why ``before_batch`` exists: with checkpoints beside a writer that never pauses, a batch
     seldom begins with every frame copied, so the WAL seldom starts over."""
-    monkeypatch.setattr(ledger_sqlite, "WAL_RESTART_FRAMES", 10**9)  # never wait
-    path = tmp_path / "busy.db"
-    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").connection.close()
-    checkpointer = Checkpointer(str(path))
-    try:
+    with checkpointed(tmp_path, monkeypatch, restart_frames=10**9) as (path, checkpointer):  # never
         peak = write_without_pause(path, checkpointer, batches=400)
-    finally:
-        checkpointer.close()
     assert peak > 10_000, peak
 
 
 def test_a_reader_in_the_wal_delays_the_restart_not_the_writer(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ledger_sqlite, "WAL_RESTART_FRAMES", 500)
-    path = tmp_path / "busy.db"
-    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").connection.close()
-    checkpointer = Checkpointer(str(path))
-    try:
+    with checkpointed(tmp_path, monkeypatch, restart_frames=500) as (path, checkpointer):
         write_without_pause(path, checkpointer, batches=5)
         reader = sqlite3.connect(path, isolation_level=None)
         reader.execute("BEGIN")
@@ -92,5 +92,3 @@ def test_a_reader_in_the_wal_delays_the_restart_not_the_writer(tmp_path: Path,
         reader.close()
         write_without_pause(path, checkpointer, batches=5, seed=3)
         assert checkpointer.wal_frames() < 1500  # and does once the reader is gone
-    finally:
-        checkpointer.close()
