@@ -29,7 +29,7 @@ from livesrv.db import open_database
 from .ledger import MAX_BATCH, Ledger
 from .ledger_core import Plan, Request
 from .ledger_process import URL_VARIABLE
-from .ledger_wire import READY, FrameReader, decode_requests, encode_answers, frame
+from .ledger_wire import READY, FrameReader, WireError, decode_requests, encode_answers, frame
 
 log = logging.getLogger("gifts.ledger_writer")
 _READ_SIZE = 1 << 20
@@ -75,6 +75,11 @@ async def serve(url: str, writer: str, max_batch: int, max_attempts: int) -> Non
     stdin = sys.stdin.fileno()
     os.set_blocking(stdin, False)
 
+    def stop_reading() -> None:
+        loop.remove_reader(stdin)
+        if not finished.done():
+            finished.set_result(None)
+
     def readable() -> None:
         # everything the pipe holds now, in one go: it all joins the next batch
         while True:
@@ -82,12 +87,19 @@ async def serve(url: str, writer: str, max_batch: int, max_attempts: int) -> Non
                 data = os.read(stdin, _READ_SIZE)
             except BlockingIOError:
                 return
+            except OSError as exc:  # the server's end torn down (a socket pair: ECONNRESET)
+                log.warning("the server's side of the pipe is gone: %s", exc)
+                data = b""
             if not data:
-                loop.remove_reader(stdin)
-                if not finished.done():
-                    finished.set_result(None)
+                stop_reading()
                 return
-            for message in reader.feed(data):
+            try:
+                messages = reader.feed(data)
+            except WireError as exc:  # never guess where the next request starts
+                log.error("the server sent a bad frame: %s", exc)
+                stop_reading()
+                return
+            for message in messages:
                 ledger.enqueue(decode_requests(message))
 
     loop.add_reader(stdin, readable)

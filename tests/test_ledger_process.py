@@ -7,12 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
+from pathlib import Path
 
 import pytest
 from prometheus_client import REGISTRY
 
 from gifts.ledger import PLATFORM, Ledger, LedgerError, Leg, Posting, clearing, earnings, wallet
-from livesrv.db import Database
+from gifts.ledger_process import URL_VARIABLE
+from gifts.ledger_wire import MAX_FRAME, READY, FrameReader
+from livesrv.db import Database, open_database
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SANDBOX = clearing("sandbox")
 
@@ -90,3 +96,22 @@ async def test_close_stops_the_writer(db: Database) -> None:
     assert ledger.writer_pid is None
     with pytest.raises(ProcessLookupError):  # exited, and reaped by the event loop
         os.kill(pid, 0)
+
+
+async def test_the_writer_stops_at_a_corrupt_request_stream(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    db = await open_database(url)
+    await (await Ledger.open(db, writer="thread")).close()  # the tables
+    await db.close()
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gifts.ledger_writer", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, URL_VARIABLE: url, "PYTHONPATH": str(ROOT)})
+    assert writer.stdin is not None and writer.stdout is not None
+    reader = FrameReader()
+    messages: list[object] = []
+    while not messages:
+        messages = reader.feed(await asyncio.wait_for(writer.stdout.read(4096), 30))
+    assert messages == [[READY]]
+    writer.stdin.write((MAX_FRAME + 1).to_bytes(4, "big") + b"not a frame")
+    await writer.stdin.drain()
+    assert await asyncio.wait_for(writer.wait(), 30) == 0  # it stops; it does not guess
