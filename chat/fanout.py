@@ -110,8 +110,9 @@ def _write_fds(fds: Sequence[int], frame: bytes) -> list[tuple[int, int]]:
 
 
 class Writer:
-    """Writes one frame to many seats; rooms of at least ``threshold`` seats on ``threads``
-    threads (the calling one included)."""
+    """Writes one frame to many seats; to ``threshold`` seats or more, on ``threads`` threads
+    (the calling one included). The room calls it once per frame: for the seats of a chunk
+    that share a cursor, which is nearly all of the chunk."""
 
     def __init__(self, threads: int, threshold: int) -> None:
         self.threads = max(1, threads)

@@ -17,7 +17,9 @@ class ChatSettings:
     send_buffer: int = 256 * 1024  # bytes a socket may leave unsent before it is dropped as too slow
     batch_interval: float = 0.1  # at most one round (a frame per socket) per room per this many seconds
     fanout_threads: int = 1  # threads writing a chunk's frames (0: one per core, up to 4)
-    fanout_threshold: int = 200  # sockets in a chunk from which its writes are spread over threads
+    # sockets getting one frame (a chunk's seats at one cursor: nearly all of it) from which
+    # that frame's writes are spread over the threads
+    fanout_threshold: int = 200
     flush_chunk: int = 250  # sockets written per turn of the event loop
     sample_rate: float = 100.0  # chat events/s per room past which delivery is sampled
     linger_seconds: float = 300.0  # a room without sockets stays subscribed (history current)
