@@ -179,7 +179,7 @@ class Ledger:
         """Start the writer (``open()`` does; the tables must exist)."""
         if self._writer_kind == "process":
             assert self._db.url is not None
-            child_writer = "loop" if self._db.dialect == "sqlite" else "thread"
+            child_writer = "loop" if self._db.dialect == "sqlite" else "statements"
             self._process = WriterProcess(self._db.url, [
                 "--writer", child_writer, "--max-batch", str(self._max_batch),
                 "--max-attempts", str(self._max_attempts)], self._settle)

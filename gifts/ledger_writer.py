@@ -6,10 +6,10 @@ to stdout (``ledger_wire``). The database URL comes in the environment (``LIVESR
 
 It batches whatever has arrived each time it is free. On SQLite it runs each batch on its
 only thread, start to finish (``--writer loop``): nothing else here needs the GIL meanwhile,
-and the requests that arrive wait in the pipe. On PostgreSQL the batch's statements run on its
-event loop, which has nothing else to do, so their round trips are never queued behind other
-work. It exits once its input is closed (the server closed the ledger, or died) and everything
-read has been answered.
+and the requests that arrive wait in the pipe. On PostgreSQL (``--writer statements``) the
+batch's statements run on its event loop, which has nothing else to do, so their round trips
+are never queued behind other work. It exits once its input is closed (the server closed the
+ledger, or died) and everything read has been answered.
 """
 
 from __future__ import annotations

@@ -92,3 +92,18 @@ def test_a_reader_in_the_wal_delays_the_restart_not_the_writer(tmp_path: Path,
         reader.close()
         write_without_pause(path, checkpointer, batches=5, seed=3)
         assert checkpointer.wal_frames() < 1500  # and does once the reader is gone
+
+
+def test_a_file_uri_finds_its_wal_index(tmp_path: Path) -> None:
+    path = tmp_path / "uri.db"
+    sqlite3.connect(path).execute("PRAGMA journal_mode=WAL").connection.close()
+    checkpointer = Checkpointer(f"file:{path}?mode=rwc")
+    try:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("PRAGMA wal_autocheckpoint=0")
+        conn.execute("CREATE TABLE t (v BLOB)")
+        conn.execute("INSERT INTO t VALUES (zeroblob(100000))")  # ~25 pages
+        assert checkpointer.wal_frames() > 20
+        conn.close()
+    finally:
+        checkpointer.close()
