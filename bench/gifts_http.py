@@ -44,21 +44,11 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tests.support.procfs import children, cpu_seconds  # noqa: E402
 from tests.support.server import ServerProcess, post_json  # noqa: E402
 
 GIFT = "rose"  # 1 coin: all of it goes to the anchor (the platform's share rounds down to 0)
 GIFT_BIG = "lollipop"  # 10 coins: 7 to the anchor, 3 to the platform
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The server's child processes (its ledger's writer)."""
-    return [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
-            for child in (task / "children").read_text().split()]
 
 
 async def _connection(host: str, port: int, channel: str, token: str, name: str, gift: str,
@@ -205,7 +195,7 @@ def main() -> None:
             for proc in procs:
                 proc.start()
             time.sleep(max(0.0, start - time.time()))
-            helpers = children(pid)
+            helpers = children(pid)  # the ledger's writer
             cpu0 = cpu_seconds(pid)
             helpers0 = sum(cpu_seconds(child) for child in helpers)
             time.sleep(max(0.0, stop - time.time()))

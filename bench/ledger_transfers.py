@@ -44,6 +44,7 @@ from prometheus_client import REGISTRY
 from gifts.ledger import MAX_BATCH, PLATFORM, WRITERS, Ledger, Leg, clearing, earnings, wallet
 from livesrv import gc_policy
 from livesrv.db import open_database
+from tests.support.procfs import cpu_seconds
 
 ANCHOR = 1
 
@@ -74,12 +75,9 @@ def bucket_quantile(window: dict[float, float], q: float) -> float:
     return math.inf
 
 
-def process_cpu(pid: int | None) -> float:
-    """CPU seconds a running process has used (0 without one): the ledger's writer process."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+def writer_cpu_seconds(ledger: Ledger) -> float:
+    """CPU time the ledger's writer process has used (0 without one)."""
+    return 0.0 if ledger.writer_pid is None else cpu_seconds(ledger.writer_pid)
 
 
 def run_loop(coroutine: Any) -> Any:
@@ -156,13 +154,13 @@ async def load(url: str, args: argparse.Namespace, worker: int) -> dict[str, Any
         histogram_before = batch_histogram()
         measuring[0] = True
         cpu_before = os.times()
-        writer_before = process_cpu(ledger.writer_pid)
+        writer_before = writer_cpu_seconds(ledger)
         started = time.perf_counter()
         await asyncio.sleep(args.seconds)
         measuring[0] = False
         elapsed = time.perf_counter() - started
         cpu_after = os.times()
-        writer_cpu = process_cpu(ledger.writer_pid) - writer_before
+        writer_cpu = writer_cpu_seconds(ledger) - writer_before
         histogram_after = batch_histogram()
         stop[0] = True
         await asyncio.gather(*tasks)

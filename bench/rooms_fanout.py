@@ -65,7 +65,6 @@ import contextlib
 import json
 import math
 import multiprocessing as mp
-import os
 import queue as queue_module
 import re
 import resource
@@ -87,6 +86,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wsload import HandshakeError, Probe, Viewer, keepalive_frame
 
+from tests.support.procfs import cpu_seconds
 from tests.support.server import ServerProcess
 
 BIN = 1e-4  # histogram bin: 0.1 ms
@@ -94,7 +94,6 @@ NBINS = 600_000  # up to 60 s (a sparse dict); the last bin collects everything 
 T_RE = re.compile(rb"t=(\d+\.\d+)")
 CHAT = b'"type":"chat"'
 HISTORY = b'{"type":"history"'
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 CONNECT_TIMEOUT = 60.0  # per viewer: TCP connect, then the upgrade
 
 
@@ -113,12 +112,6 @@ def run_loop(main: Any) -> None:
         asyncio.run(main)
     else:
         uvloop.run(main)
-
-
-def proc_cpu(pid: int) -> float:
-    """utime + stime of PID, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def proc_mem(pid: int) -> tuple[int, int]:
@@ -484,7 +477,7 @@ def main() -> None:
         shed0 = [shed_total(s.url) for s in servers]
         flush0 = [flush_totals(s.url) for s in servers]
         lag0 = [bus_lag(s.url) for s in servers]
-        cpu0 = [proc_cpu(pid) for pid in pids]
+        cpu0 = [cpu_seconds(pid) for pid in pids]
         w0 = time.monotonic()
         go.set()
         sp = ctx.Process(target=senders_worker, args=(sender_urls, args.rate, args.seconds, sres))
@@ -493,7 +486,7 @@ def main() -> None:
         counts = sres.get(timeout=args.seconds + 120)
         sp.join()
         wall = time.monotonic() - w0
-        cpu1 = [proc_cpu(pid) for pid in pids]
+        cpu1 = [cpu_seconds(pid) for pid in pids]
         mems = [proc_mem(pid) for pid in pids]
         time.sleep(args.drain)
         window = time.monotonic() - w0

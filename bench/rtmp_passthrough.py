@@ -44,6 +44,7 @@ from ingest.rtmp.chunks import AUDIO, DATA_AMF0, VIDEO, ChunkWriter  # noqa: E40
 from ingest.rtmp.client import open_publisher  # noqa: E402
 from ingest.rtmp.connection import AUDIO_CSID, DATA_CSID, VIDEO_CSID  # noqa: E402
 from tests.support.media import flv_tags  # noqa: E402
+from tests.support.procfs import cpu_seconds  # noqa: E402
 
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "livesrv-bench"
 CHUNK_SIZE = 4096
@@ -247,11 +248,6 @@ def pin_all_threads(pid: int, cores: set[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except OSError:
             pass
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.procfs import running
 from tests.support.server import ServerProcess
 
 POSTGRES_URL = os.environ.get("LIVESRV_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
@@ -124,10 +125,9 @@ def _our_ledger_writers() -> list[int]:
         try:
             if b"gifts.ledger_writer" not in (proc / "cmdline").read_bytes():
                 continue
-            if SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0"):
-                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    pids.append(int(proc.name))
+            ours = SESSION_MARK.encode() in (proc / "environ").read_bytes().split(b"\0")
+            if ours and running(int(proc.name)):
+                pids.append(int(proc.name))
         except OSError:  # gone meanwhile, or not ours to read
             continue
     return pids

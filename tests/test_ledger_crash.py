@@ -15,6 +15,7 @@ import pytest
 from gifts.ledger import InsufficientFunds, Ledger, Leg, clearing, earnings, wallet
 from gifts.ledger_core import legs_from_signature
 from livesrv.db import open_database
+from tests.support.procfs import running
 
 ROOT = Path(__file__).resolve().parents[1]
 ANSWERS_BEFORE_KILL = 3000
@@ -26,6 +27,7 @@ CHILD = r"""
 import asyncio, random, sys
 from gifts.ledger import InsufficientFunds, Ledger, Leg, PLATFORM, clearing, earnings, wallet
 from livesrv.db import open_database
+from tests.support.procfs import running
 
 async def worker(ledger, task):
     rng = random.Random(task)
@@ -57,15 +59,6 @@ async def main(url):
 import uvloop
 uvloop.run(main(sys.argv[1]))  # as `livesrv serve` runs: its subprocess pipes are socket pairs
 """
-
-
-def running(pid: int) -> bool:
-    """The process exists and is not a zombie (an orphan waits for init to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
 
 
 async def test_sigkill_mid_load_loses_nothing_answered(database_url: str) -> None:
