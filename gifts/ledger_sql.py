@@ -92,6 +92,7 @@ MIGRATIONS = [
 ]
 
 EntryRow = tuple[int, str, int, str]  # posting_id, account, amount, counterparty
+ENTRY_COLUMNS = ("posting_id", "account", "amount", "counterparty")
 PostingRow = tuple[str, str, str, str, float]  # key, kind, legs signature, memo json, created_at
 
 _POSTING_COLUMNS = "id, key, kind, legs, memo, created_at"
@@ -142,7 +143,8 @@ class WriteStatements:
         raise NotImplementedError
 
     async def insert_entries(self, tx: Executor, rows: Sequence[EntryRow]) -> None:
-        raise NotImplementedError
+        # PostgreSQL: COPY; SQLite (the generic path): executemany of one INSERT
+        await tx.copy_rows("ledger_entries", ENTRY_COLUMNS, rows)
 
     async def add_to_balances(self, tx: Executor, deltas: dict[str, int]) -> None:
         raise NotImplementedError
@@ -175,9 +177,6 @@ class SqliteWriteStatements(WriteStatements):
         first = int(await tx.fetchval(SQLITE_NEXT_ID))
         await tx.executemany(SQLITE_INSERT_POSTING, [(first + i, *row) for i, row in enumerate(rows)])
         return {row[0]: first + i for i, row in enumerate(rows)}
-
-    async def insert_entries(self, tx: Executor, rows: Sequence[EntryRow]) -> None:
-        await tx.executemany(SQLITE_INSERT_ENTRY, rows)
 
     async def add_to_balances(self, tx: Executor, deltas: dict[str, int]) -> None:
         await tx.executemany(SQLITE_ADD_TO_BALANCE, [(delta, account) for account, delta in deltas.items()])
@@ -212,9 +211,6 @@ class PostgresWriteStatements(WriteStatements):
             " WITH ORDINALITY AS r(key, kind, legs, memo, created_at, n) ORDER BY n"
             " ON CONFLICT (key) DO NOTHING RETURNING id, key", keys, kinds, legs, memos, times)
         return {row[1]: int(row[0]) for row in returned}
-
-    async def insert_entries(self, tx: Executor, rows: Sequence[EntryRow]) -> None:
-        await tx.copy_rows("ledger_entries", ("posting_id", "account", "amount", "counterparty"), rows)
 
     async def add_to_balances(self, tx: Executor, deltas: dict[str, int]) -> None:
         await tx.execute(
