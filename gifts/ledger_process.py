@@ -107,9 +107,7 @@ class WriterProcess:
         if self._stdin is not None:
             self._stdin.close()  # the writer applies what it has, answers, and exits
         if self._exited is not None:
-            await asyncio.shield(self._exited)
-        if self._transport is not None:
-            self._transport.close()
+            await asyncio.shield(self._exited)  # _stopped() has closed the transport by then
         self._fail(self._waiting, LedgerError("the ledger is closed"))
 
     # -- from the protocol -------------------------------------------------------------------
